@@ -1,0 +1,136 @@
+"""Shared plumbing for the sampler functions: input checks, dtype policy, noise, callbacks.
+
+Dtype policy: the sampler's state and arithmetic run in float32, or float64 when x is
+float64, whatever precision the network runs in; the denoiser receives the state in that
+dtype (a mixed-precision network casts internally), its output is cast back up, and the
+result is returned in x's original dtype. Inputs are never modified in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+Generator = torch.Generator | Sequence[torch.Generator] | None
+Callback = Callable[[dict[str, Any]], None] | None
+
+
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else (fp16, bf16, fp32) works in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_sigmas(sigmas: torch.Tensor) -> None:
+    """Raise a clear error unless sigmas is a 1-D non-increasing grid of >= 2 finite values >= 0."""
+    if not isinstance(sigmas, torch.Tensor):
+        raise TypeError(f"sigmas must be a 1-D torch.Tensor; got {type(sigmas).__name__}")
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(
+            f"sigmas must be 1-D with at least 2 values (n steps need n+1 levels); "
+            f"got shape {tuple(sigmas.shape)}"
+        )
+    if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
+        raise ValueError("sigmas must be finite and >= 0")
+    if (sigmas[1:] >= sigmas[:-1]).any():
+        raise ValueError("sigmas must be strictly decreasing (e.g. sfumato.sigmas.karras(...))")
+
+
+class Model:
+    """Calls ``denoiser(x, sigma, **cond)`` with sigma broadcast to (B,) and checks the output.
+
+    Counts calls in ``nfe`` (one per batched denoiser evaluation).
+    """
+
+    def __init__(self, denoiser: Callable, x: torch.Tensor, cond: dict[str, Any]) -> None:
+        if not callable(denoiser):
+            raise TypeError("denoiser must be callable as denoiser(x, sigma, **cond) -> x0_hat")
+        self.denoiser, self.cond, self.nfe = denoiser, cond, 0
+        self.shape, self.dtype = x.shape, x.dtype
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        s = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
+        out = self.denoiser(x, s, **self.cond)
+        self.nfe += 1
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"the denoiser must return x0_hat with the input's shape {tuple(x.shape)}; "
+                f"got {got}"
+            )
+        return out.to(x.dtype)
+
+
+def prepare(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor,
+            cond: dict[str, Any]) -> tuple[Model, torch.Tensor, torch.Tensor]:
+    """Validate inputs; return (model, working copy of x, sigmas in the working dtype)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point torch.Tensor of shape (batch, ...)")
+    if x.ndim < 2:
+        raise ValueError(
+            f"x must have shape (batch, ...) with at least 2 dims; got {tuple(x.shape)}. "
+            "For a single vector use x[None]."
+        )
+    check_sigmas(sigmas)
+    wd = working_dtype(x.dtype)
+    xw = x.detach().to(wd).clone()
+    return Model(denoiser, xw, cond), xw, sigmas.detach().to(device=x.device, dtype=wd)
+
+
+def finish(x: torch.Tensor, like_dtype: torch.dtype) -> torch.Tensor:
+    """Return the result in the caller's dtype."""
+    return x.to(like_dtype)
+
+
+def noise_like(x: torch.Tensor, generator: Generator, who: str = "this sampler") -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn only from ``generator``.
+
+    ``generator`` may be a single ``torch.Generator`` or a list with one generator per sample;
+    with a list, sample i's noise comes from generator i only, so a sample does not change
+    with the batch size or its position in the batch.
+    """
+    if generator is None:
+        raise ValueError(
+            f"{who} is stochastic and draws only from an explicit generator: pass "
+            "generator=torch.Generator(device).manual_seed(seed) (or one per sample)"
+        )
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, device=generator.device,
+                           dtype=x.dtype).to(x.device)
+    gens = list(generator)
+    if len(gens) != x.shape[0]:
+        raise ValueError(
+            f"got {len(gens)} generators for a batch of {x.shape[0]}; pass one per sample"
+        )
+    return torch.stack([
+        torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in gens
+    ]).to(x.device)
+
+
+def report(callback: Callback, i: int, x: torch.Tensor, sigma: torch.Tensor,
+           sigma_next: torch.Tensor, denoised: torch.Tensor) -> None:
+    """Call the user's callback with the step's state (k-diffusion's convention)."""
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next,
+                  "denoised": denoised})
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+    """PF-ODE derivative dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, eq. 3)."""
+    return (x - denoised) / sigma
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor,
+                   eta: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigma_down, sigma_up) of an ancestral step sigma -> sigma_next.
+
+    sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
+    sigma_down^2 = sigma_next^2 - sigma_up^2. In σ-space this is exactly DDIM's sigma_t(eta)
+    (Song et al. 2021a, eq. 16) divided by the VP scale: eta = 1 is DDPM's posterior step.
+    """
+    if eta == 0 or sigma_next == 0:
+        return sigma_next, torch.zeros_like(sigma_next)
+    up = (eta**2 * sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt()
+    up = torch.minimum(up, sigma_next)
+    return (sigma_next**2 - up**2).sqrt(), up
