@@ -154,7 +154,8 @@ class VPDiscrete(Process):
 
     With ``zero_terminal_snr=True`` the last alpha_bar is 0 (sigma = inf); since a sampler
     cannot start at infinity, it is replaced by ``terminal_alpha_bar`` (default 2**-24, i.e.
-    sigma_max ~ 4096), which is far beyond where the data term matters.
+    sigma_max ~ 4096, as diffusers does), or by half the previous step's alpha_bar if that is
+    smaller (so sigma keeps increasing); far beyond where the data term matters.
     """
 
     schedule: str = "linear"
@@ -170,7 +171,7 @@ class VPDiscrete(Process):
         ab = torch.cumprod(1 - betas, 0)
         if self.zero_terminal_snr:
             ab = rescale_zero_terminal_snr(ab)
-            ab[-1] = self.terminal_alpha_bar
+            ab[-1] = min(self.terminal_alpha_bar, float(ab[-2]) / 2)
         self.betas = betas
         self.alphas_cumprod = ab
         self.sigmas = ((1 - ab) / ab).sqrt()  # increasing in t, float64

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ._api import initial_noise, sample
 from .adaptive import sample_rk45
 from .dpm import (
     sample_dpm_solver_2,
@@ -80,4 +81,4 @@ def get_sampler(name: str) -> Callable:
         ) from None
 
 
-__all__ = ["SAMPLERS", "STOCHASTIC", "get_sampler"] + [f.__name__ for f in SAMPLERS.values()]
+__all__ = ["SAMPLERS", "STOCHASTIC", "get_sampler", "sample", "initial_noise"] + [f.__name__ for f in SAMPLERS.values()]

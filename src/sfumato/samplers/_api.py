@@ -1,0 +1,46 @@
+"""One-call sampling: noise, grid and sampler chosen by name."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .. import sigmas as grids
+from ..process import Process
+from ._common import Generator, noise_like
+
+
+def initial_noise(shape: Sequence[int], sigma_max: float, generator: Generator, *,
+                  dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """sigma_max * z with z ~ N(0, I) of ``shape`` (B, ...), drawn from ``generator`` (one
+    generator, or a list with one per sample for batch-size-independent samples)."""
+    return sigma_max * noise_like(torch.empty(tuple(shape), dtype=dtype, device=device),
+                                  generator, "initial_noise")
+
+
+def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m",
+           steps: int = 20, grid: str = "karras", sigma_min: float | None = None,
+           sigma_max: float | None = None, process: Process | None = None,
+           generator: Generator = None, dtype: torch.dtype = torch.float32,
+           device: torch.device | str = "cpu", callback: Callable | None = None,
+           sampler_kwargs: dict | None = None, grid_kwargs: dict | None = None,
+           **cond) -> torch.Tensor:
+    """Draw samples of ``shape`` (B, ...) from a σ-space denoiser.
+
+    Defaults: DPM-Solver++(2M) on a Karras grid over [sigma_min, sigma_max] (EDM's 0.002..80
+    unless a ``process`` gives its trained range). ``generator`` is required (the starting
+    noise is random). Conditioning keywords go to the denoiser.
+    """
+    from . import get_sampler
+
+    fn = get_sampler(sampler)
+    if process is None:
+        sigma_min = 0.002 if sigma_min is None else sigma_min
+        sigma_max = 80.0 if sigma_max is None else sigma_max
+    sig = grids.get_sigmas(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                           process=process, **(grid_kwargs or {}))
+    x = initial_noise(shape, float(sig[0]), generator, dtype=dtype, device=device)
+    return fn(denoiser, x, sig, generator=generator, callback=callback,
+              **(sampler_kwargs or {}), **cond)

@@ -1,0 +1,65 @@
+"""Sigma grids: formulas, shape contract (n + 1 values, decreasing, final 0), discrete spacings
+as diffusers spaces its timesteps."""
+
+import math
+
+import pytest
+import torch
+
+from sfumato import sigmas as S
+from sfumato.process import EDM, RectifiedFlow, VPDiscrete
+
+
+@pytest.mark.parametrize("fn", [S.karras, S.loglinear, S.polyexponential])
+@pytest.mark.parametrize("n", [1, 2, 7, 50])
+def test_contract(fn, n):
+    s = fn(n, 0.002, 80.0)
+    assert s.shape == (n + 1,) and s.dtype == torch.float64
+    assert float(s[-1]) == 0.0 and abs(float(s[0]) - 80.0) < 1e-9
+    assert (s[1:] < s[:-1]).all()
+    if n > 1:
+        assert abs(float(s[-2]) - 0.002) < 1e-12
+    assert fn(n, 0.002, 80.0, final_zero=False).shape == (n,)
+
+
+def test_karras_formula():
+    s = S.karras(4, 0.1, 10.0, rho=3.0)
+    expect = [(10 ** (1 / 3) + i / 3 * (0.1 ** (1 / 3) - 10 ** (1 / 3))) ** 3 for i in range(4)]
+    torch.testing.assert_close(s[:-1], torch.tensor(expect, dtype=torch.float64))
+
+
+def test_loglinear_is_uniform_in_logsnr():
+    s = S.loglinear(9, 0.01, 100.0, final_zero=False)
+    r = s[1:] / s[:-1]
+    torch.testing.assert_close(r, torch.full_like(r, math.exp(math.log(1e-4) / 8)))
+
+
+def test_uniform_t():
+    p = RectifiedFlow()
+    s = S.uniform_t(p, 5, final_zero=False)
+    t = p.t_from_sigma(s)
+    torch.testing.assert_close(t, torch.linspace(p.t_max, p.t_min, 5, dtype=torch.float64))
+    e = S.uniform_t(EDM(), 3)
+    torch.testing.assert_close(e, torch.tensor([80.0, 40.001, 0.002, 0.0], dtype=torch.float64))
+
+
+def test_discrete_spacings_match_diffusers_timesteps():
+    p = VPDiscrete("scaled_linear")
+    idx = lambda s: [int((p.sigmas - v).abs().argmin()) for v in s[:-1]]  # noqa: E731
+    assert idx(S.discrete(p, 10, "leading")) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert idx(S.discrete(p, 10, "trailing")) == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert idx(S.discrete(p, 10, "linspace")) == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    with pytest.raises(ValueError, match="spacing"):
+        S.discrete(p, 10, "middle")
+
+
+def test_errors_and_get_sigmas():
+    with pytest.raises(ValueError, match="positive integer"):
+        S.karras(0, 0.1, 1.0)
+    with pytest.raises(ValueError, match="sigma_min < sigma_max"):
+        S.loglinear(5, 2.0, 1.0)
+    with pytest.raises(ValueError, match="unknown sigma grid"):
+        S.get_sigmas("kara", 5, sigma_min=0.1, sigma_max=1)
+    p = VPDiscrete()
+    g = S.get_sigmas("karras", 5, process=p)
+    assert abs(float(g[0]) - p.sigma_max) < 1e-9 and abs(float(g[-2]) - p.sigma_min) < 1e-9
