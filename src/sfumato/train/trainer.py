@@ -1,0 +1,358 @@
+"""The training loop: AdamW, warm-up + cosine/constant LR, gradient clipping and
+accumulation, EMA, bf16 autocast, seeded determinism, exact resume, NaN guard, DDP.
+
+Determinism and exact resume. Every random draw comes from explicit generators whose states
+are checkpointed: ``data`` (which examples form a batch), ``noise`` (sigma and eps) and torch's
+default generator (dropout). The learning rate is a pure function of the step. So a run killed
+at any point and resumed from its last checkpoint continues with bitwise the same tensors as a
+run that was never interrupted (on CPU; CUDA kernels may be non-deterministic).
+
+Distributed. Under ``torchrun`` (WORLD_SIZE > 1) the model is wrapped in DDP (gloo on CPU,
+NCCL on CUDA). Every rank draws the same *global* batch indices, sigmas and noise and takes
+its own slice of them, so N processes with a global batch B compute the same update as one
+process with batch B (up to floating-point summation order). Only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..denoiser import Denoiser
+from ..process import get_process
+from .checkpoint import (
+    find_checkpoint,
+    load_checkpoint,
+    optimizer_from_flat,
+    optimizer_to_flat,
+    save_checkpoint,
+)
+from .config import load_config
+from .ema import build_ema
+from .objective import Objective
+
+OBJECTIVE_KEYS = ("sigma_sampling", "weighting", "P_mean", "P_std", "logit_mean", "logit_std",
+                  "sigma_data", "gamma", "sigma_min", "sigma_max")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. repeated non-finite losses); the last checkpoint is intact."""
+
+
+def build_denoiser(net: nn.Module, obj_cfg: dict) -> Denoiser:
+    """Wrap a raw network with the preconditioning the objective config names."""
+    proc_cfg = obj_cfg.get("process")
+    process = None
+    if proc_cfg:
+        proc_cfg = dict(proc_cfg)
+        process = get_process(proc_cfg.pop("name"), **proc_cfg)
+    return Denoiser(net, target=obj_cfg["target"], process=process,
+                    t_scale=obj_cfg.get("t_scale", 1.0), sigma_data=obj_cfg["sigma_data"])
+
+
+def build_objective(obj_cfg: dict) -> Objective:
+    return Objective(**{k: obj_cfg[k] for k in OBJECTIVE_KEYS})
+
+
+def lr_at(step: int, cfg: dict) -> float:
+    """Learning rate at optimizer step ``step`` (0-based): linear warm-up, then cosine decay to
+    ``min_lr_ratio * lr`` or constant."""
+    lr, warm, total = cfg["lr"], cfg["warmup_steps"], cfg["steps"]
+    if warm > 0 and step < warm:
+        return lr * (step + 1) / warm
+    if cfg["schedule"] == "constant":
+        return lr
+    if cfg["schedule"] != "cosine":
+        raise ValueError(f"unknown LR schedule {cfg['schedule']!r}; use 'cosine' or 'constant'")
+    frac = min(1.0, (step - warm) / max(1, total - warm))
+    lo = cfg["min_lr_ratio"]
+    return lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _maybe_init_distributed(device: torch.device) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return _dist_info()
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+class Trainer:
+    """Owns one run directory. ``Trainer(config, out).run()`` trains to ``train.steps``,
+    resuming from ``out/checkpoint`` if it exists.
+
+    Args:
+        config: path to a JSON config, a dict of overrides, or None (defaults).
+        out: the run directory.
+        device: torch device; default CUDA if available else CPU.
+        progress: show a tqdm bar (rank 0 only).
+    """
+
+    def __init__(self, config: str | os.PathLike | dict | None, out: str | os.PathLike, *,
+                 device: torch.device | str | None = None, progress: bool = True) -> None:
+        from ..data import get_dataset
+        from ..nets import build_net
+
+        self.cfg = load_config(config)
+        self.out = Path(out)
+        self.device = torch.device(device) if device is not None else default_device()
+        self.rank, self.world = _maybe_init_distributed(self.device)
+        tc = self.cfg["train"]
+        if tc["num_threads"]:
+            torch.set_num_threads(int(tc["num_threads"]))
+        if tc["batch_size"] % (self.world * tc["grad_accum"]):
+            raise ValueError(
+                f"train.batch_size={tc['batch_size']} must be divisible by world_size "
+                f"({self.world}) x grad_accum ({tc['grad_accum']})"
+            )
+        torch.manual_seed(tc["seed"] + 1000 * self.rank)
+        self.data = get_dataset(self.cfg["data"])
+        self.x_train = self.data.train
+        self.y_train = getattr(self.data, "labels", None)
+        model_cfg = dict(self.cfg["model"])
+        nc = getattr(self.data, "num_classes", None)
+        if model_cfg.pop("conditional", False) and nc:
+            model_cfg["num_classes"] = nc
+        self.num_classes = model_cfg.get("num_classes")
+        self.net = build_net(model_cfg).to(self.device)
+        self.denoiser = build_denoiser(self.net, self.cfg["objective"])
+        self.objective = build_objective(self.cfg["objective"])
+        self.ema = build_ema(self.net, tc["ema"]).to(self.device)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
+                                     weight_decay=tc["weight_decay"])
+        self.g_data = torch.Generator().manual_seed(tc["seed"])
+        self.g_noise = torch.Generator().manual_seed(tc["seed"] + 1)
+        self.step, self.bad_steps, self.losses = 0, 0, []
+        self.ddp = None
+        if self.world > 1:
+            self.ddp = nn.parallel.DistributedDataParallel(
+                self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # the same preconditioning, called through the DDP wrapper when distributed
+        self.train_denoiser = build_denoiser(self.ddp or self.net, self.cfg["objective"])
+        self.progress = progress and self.rank == 0
+        self._resume()
+
+    # -- precision -------------------------------------------------------------------------
+    def _autocast(self):
+        p = self.cfg["train"]["precision"]
+        use_bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda"
+                                   and torch.cuda.is_bf16_supported())
+        if p not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"unknown precision {p!r}; use 'auto', 'fp32' or 'bf16'")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def _resume(self) -> None:
+        ck = find_checkpoint(self.out)
+        if ck is None:
+            return
+        tensors, state, saved_cfg = load_checkpoint(
+            ck, stems=("model", "ema", "optimizer", "rng"))
+        for sec in ("data", "model", "objective"):
+            if saved_cfg.get(sec) != self.cfg[sec]:
+                raise ValueError(
+                    f"{self.out} holds a run with a different '{sec}' config; resume it with "
+                    f"its own config ({ck / 'config.json'}) or choose a new --out directory"
+                )
+        self.net.load_state_dict(tensors["model"])
+        self.ema.module.load_state_dict(tensors["ema"])
+        self.opt.load_state_dict(optimizer_from_flat(tensors["optimizer"], state["optimizer"]))
+        rng = tensors["rng"]
+        self.g_data.set_state(rng["data"])
+        self.g_noise.set_state(rng["noise"])
+        torch.set_rng_state(rng[f"torch_rank{self.rank}"] if f"torch_rank{self.rank}" in rng
+                            else rng["torch_rank0"])
+        self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
+        self.losses = [tuple(v) for v in state.get("losses", [])]
+
+    def save(self) -> Path | None:
+        """Write a checkpoint of the current step (rank 0). Refuses non-finite weights."""
+        rng = {"data": self.g_data.get_state(), "noise": self.g_noise.get_state(),
+               "torch_rank0": torch.get_rng_state()}
+        if self.rank != 0:
+            return None
+        if not all(torch.isfinite(p).all() for p in self.net.parameters()):
+            raise TrainingError("refusing to checkpoint non-finite weights; the last "
+                                "checkpoint is kept")
+        opt_t, opt_meta = optimizer_to_flat(self.opt.state_dict())
+        state = {"step": self.step, "bad_steps": self.bad_steps, "optimizer": opt_meta,
+                 "lr": lr_at(max(self.step - 1, 0), self.cfg["train"]),
+                 "lr_schedule": {k: self.cfg["train"][k] for k in
+                                 ("lr", "warmup_steps", "schedule", "min_lr_ratio", "steps")},
+                 "losses": self.losses, "world_size": self.world,
+                 "num_classes": self.num_classes, "data_shape": list(self.x_train.shape[1:]),
+                 "time": time.time()}
+        return save_checkpoint(self.out, tensors={
+            "model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
+            "optimizer": opt_t, "rng": rng}, state=state, config=self.cfg,
+            keep_last=self.cfg["train"]["keep_last"])
+
+    # -- one step --------------------------------------------------------------------------
+    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+                                     torch.Tensor]:
+        B = self.cfg["train"]["batch_size"]
+        idx = torch.randint(0, self.x_train.shape[0], (B,), generator=self.g_data)
+        x0 = self.x_train[idx]
+        y = self.y_train[idx] if (self.y_train is not None and self.num_classes) else None
+        if y is not None and self.cfg["objective"]["label_dropout"] > 0:
+            drop = torch.rand(B, generator=self.g_data) < self.cfg["objective"]["label_dropout"]
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        sigma = self.objective.sample_sigma(B, self.denoiser, generator=self.g_noise)
+        noise = torch.randn(x0.shape, generator=self.g_noise, dtype=x0.dtype)
+        return x0, y, sigma, noise
+
+    def train_step(self) -> float:
+        """One optimizer step over the global batch; returns the mean loss (nan if skipped)."""
+        tc = self.cfg["train"]
+        x0, y, sigma, noise = self._global_batch()
+        b = x0.shape[0] // self.world
+        sl = slice(self.rank * b, (self.rank + 1) * b)
+        parts = [t[sl] if t is not None else None for t in (x0, y, sigma, noise)]
+        acc = tc["grad_accum"]
+        mb = b // acc
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, tc)
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for k in range(acc):
+            ms = slice(k * mb, (k + 1) * mb)
+            xk, yk, sk, nk = [t[ms].to(self.device) if t is not None else None for t in parts]
+            cond = {"class_labels": yk} if yk is not None else {}
+            sync = nullcontext() if (self.ddp is None or k == acc - 1) else self.ddp.no_sync()
+            with sync, self._autocast():
+                loss = self.objective.loss(self.train_denoiser, xk, generator=self.g_noise,
+                                           sigma=sk, noise=nk, **cond).mean() / acc
+            loss.backward()
+            total += loss.detach()
+        if self.world > 1:
+            torch.distributed.all_reduce(total)
+            total /= self.world
+        value = float(total)
+        if not math.isfinite(value):
+            self.opt.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= tc["max_bad_steps"]:
+                raise TrainingError(
+                    f"the loss was non-finite ({value}) for {self.bad_steps} steps in a row at "
+                    f"step {self.step}; stopping. The last good checkpoint in {self.out} is "
+                    "intact. Lower train.lr, set train.grad_clip, or check the data for NaNs."
+                )
+            return value
+        self.bad_steps = 0
+        if tc["grad_clip"]:
+            nn.utils.clip_grad_norm_(self.net.parameters(), tc["grad_clip"])
+        self.opt.step()
+        self.step += 1
+        self.ema.update(self.net, self.step)
+        return value
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train until ``train.steps``; checkpoint periodically and at the end. Returns a
+        summary dict (steps, final loss, seconds)."""
+        from tqdm.auto import tqdm
+
+        tc = self.cfg["train"]
+        total, t0 = tc["steps"], time.time()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=total, initial=self.step, disable=not self.progress, desc="train",
+                   dynamic_ncols=True)
+        ema_loss = None
+        while self.step < total:
+            before = self.step
+            loss = self.train_step()
+            if self.step == before:  # skipped (non-finite loss)
+                continue
+            ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
+            if self.step % tc["log_every"] == 0 or self.step == total:
+                self.losses.append((self.step, loss))
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema_loss:.4f}", lr=f"{lr_at(self.step - 1, tc):.2e}")
+            if tc["checkpoint_every"] and self.step % tc["checkpoint_every"] == 0 \
+                    and self.step < total:
+                self.save()
+            if tc["sample_every"] and self.step % tc["sample_every"] == 0 and self.rank == 0:
+                self.write_samples()
+        bar.close()
+        self.save()
+        if self.rank == 0:
+            self.write_samples()
+            self.write_loss_plot()
+        summary = {"steps": self.step, "loss": ema_loss, "seconds": time.time() - t0}
+        if self.rank == 0:
+            (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    # -- artefacts --------------------------------------------------------------------------
+    @torch.no_grad()
+    def write_samples(self) -> Path | None:
+        """A PNG grid of EMA samples at the current step (images only)."""
+        from ..api import sample_from, to_uint8
+        from ..imageio import save_grid
+
+        if self.x_train.ndim != 4:
+            return None
+        sc = self.cfg["sample"]
+        ema_den = build_denoiser(self.ema.module, self.cfg["objective"])
+        n = sc["n_grid"]
+        labels = (torch.arange(n) % self.num_classes) if self.num_classes else None
+        x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
+                        class_labels=labels)
+        path = self.out / "samples" / f"step-{self.step:08d}.png"
+        save_grid(to_uint8(x.cpu()), path)
+        return path
+
+    def write_loss_plot(self) -> Path | None:
+        if not self.losses:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps, vals = zip(*self.losses, strict=True)
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(steps, vals, lw=0.6, alpha=0.5, label="loss")
+        k = max(1, len(vals) // 50)
+        if len(vals) > k:
+            sm = torch.tensor(vals).unfold(0, k, 1).mean(1).tolist()
+            ax.plot(steps[k - 1:], sm, lw=1.5, label=f"mean of {k}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("weighted loss")
+        ax.legend()
+        fig.tight_layout()
+        path = self.out / "loss.png"
+        tmp = path.with_name("loss.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+
+def train(config: str | os.PathLike | dict | None = None, out: str | os.PathLike = "runs/run",
+          **kwargs) -> dict[str, Any]:
+    """Train (or resume) a run: ``sfumato.train("configs/digits_unet.json", out="runs/d")``."""
+    return Trainer(config, out, **kwargs).run()
