@@ -110,11 +110,12 @@ def dopri5(f: Fn, t0: float, t1: float, y0: torch.Tensor, *, rtol: float = 1e-5,
         callback: called as ``callback(t, y)`` after each accepted step.
 
     Returns:
-        (y(t1), info) with info = {"nfe": f calls, "steps": accepted, "rejected": rejected}.
+        (y(t1), info) with info = {"nfe": f calls, "steps": accepted, "rejected": rejected,
+        "h": the step size proposed for a next step (to continue on a following interval)}.
     """
     if not (rtol > 0 and atol >= 0):
         raise ValueError(f"need rtol > 0 and atol >= 0; got rtol={rtol}, atol={atol}")
-    info = {"nfe": 0, "steps": 0, "rejected": 0}
+    info = {"nfe": 0, "steps": 0, "rejected": 0, "h": h0}
     span = t1 - t0
     if span == 0:
         return y0.clone(), info
@@ -152,7 +153,8 @@ def dopri5(f: Fn, t0: float, t1: float, y0: torch.Tensor, *, rtol: float = 1e-5,
             fac = fac_max if e == 0 else min(fac_max, max(fac_min, safety * e ** (-1.0 / order)))
             if just_rejected:  # no growth right after a rejection (Hairer et al., II.4)
                 fac = min(1.0, fac)
-            h = abs(hs) * fac
+            # a last step cut short to land on t1 says little about the step size
+            h = max(abs(hs) * fac, h) if last else abs(hs) * fac
             just_rejected = False
         else:
             info["rejected"] += 1
@@ -164,4 +166,5 @@ def dopri5(f: Fn, t0: float, t1: float, y0: torch.Tensor, *, rtol: float = 1e-5,
                     f"dopri5: step size underflow at t={t:.6g} (error norm {e:.3g}); "
                     "the right-hand side may be non-finite or discontinuous there"
                 )
+    info["h"] = h
     return y, info

@@ -109,11 +109,11 @@ def noise_like(x: torch.Tensor, generator: Generator, who: str = "this sampler")
 
 
 def report(callback: Callback, i: int, x: torch.Tensor, sigma: torch.Tensor,
-           sigma_next: torch.Tensor, denoised: torch.Tensor) -> None:
+           sigma_next: torch.Tensor, denoised: torch.Tensor, **extra: Any) -> None:
     """Call the user's callback with the step's state (k-diffusion's convention)."""
     if callback is not None:
         callback({"i": i, "x": x, "sigma": sigma, "sigma_next": sigma_next,
-                  "denoised": denoised})
+                  "denoised": denoised, **extra})
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
