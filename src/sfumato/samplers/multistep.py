@@ -16,31 +16,23 @@ denoiser output D(x, sigma_min) (see :mod:`sfumato.sigmas`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-import numpy as np
 import torch
-from numpy.polynomial import polynomial as P
 
-from ._common import Callback, Generator, finish, prepare, report, to_d
+from ._common import (
+    Callback,
+    Generator,
+    final_step,
+    finish,
+    lms_weights,
+    prepare,
+    report,
+    to_d,
+)
 
-
-def lms_coefficients(nodes: Sequence[float], a: float, b: float) -> list[float]:
-    """Weights w_j with  int_a^b p(s) ds = sum_j w_j p(nodes[j])  for every polynomial p of
-    degree < len(nodes): the integrals of the Lagrange basis polynomials over [a, b].
-
-    Computed exactly (no quadrature) in float64 with :mod:`numpy.polynomial`, after the change
-    of variable s = a + (b - a) r, which keeps the basis well conditioned for any sigma range.
-    """
-    h = b - a
-    r = (np.asarray(nodes, dtype=np.float64) - a) / h
-    weights = []
-    for j in range(len(r)):
-        others = np.delete(r, j)
-        basis = P.polyfromroots(others) / np.prod(r[j] - others)  # l_j(r), l_j(r_k) = d_jk
-        antider = P.polyint(basis)
-        weights.append(h * float(P.polyval(1.0, antider) - P.polyval(0.0, antider)))
-    return weights
+#: exact variable-step Adams-Bashforth weights (see :func:`._common.lms_weights`)
+lms_coefficients = lms_weights
 
 
 def _rk4_in_sigma(eps: Callable, x: torch.Tensor, sigma: torch.Tensor,
@@ -84,7 +76,9 @@ def sample_lms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, ord
     sigma, so the O(h^2) term is small: on the 2-D mixture test problem (sigma 20 -> 0.05,
     log-linear or Karras grids) order 4 measures 3.2-3.7 between 32 and 64 steps and falls
     towards 2 only past ~256 steps (tests/test_lms_sde_adaptive.py). The step into sigma = 0
-    is x = D(x, sigma_min). ``generator`` is unused.
+    is the same Adams-Bashforth formula integrated to 0 (no evaluation at 0 is needed), which
+    keeps the final step high order too (see :func:`._common.final_step`). ``generator`` is
+    unused.
     """
     if int(order) != order or order < 1:
         raise ValueError(f"order must be a positive integer; got {order!r}")
@@ -97,9 +91,7 @@ def sample_lms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, ord
     for i in range(len(s) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         d, denoised = eps(x, sigma)
-        if s[i + 1] == 0:
-            x = denoised  # Euler into 0: x + (0 - sigma) (x - D) / sigma = D
-        elif warmup == "rk4" and len(ds) < order - 1:
+        if warmup == "rk4" and len(ds) < order - 1 and s[i + 1] > 0:
             ds.append(d)
             x = _rk4_in_sigma(eps, x, sigma, sigma_next, d)
         else:
@@ -129,8 +121,8 @@ _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
 
 @torch.no_grad()
 def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
-                warmup: str = "prk", generator: Generator = None, callback: Callback = None,
-                **cond) -> torch.Tensor:
+                warmup: str = "prk", final_order: int = 3, generator: Generator = None,
+                callback: Callback = None, **cond) -> torch.Tensor:
     """Pseudo linear multistep, PNDM / PLMS (Liu et al. 2022, "Pseudo numerical methods
     for diffusion models on manifolds", sec. 3, eq. 9-12).
 
@@ -162,7 +154,9 @@ def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
     the grid's own parameter rather than over sigma; the weights still sum to 1, so it stays
     consistent, but the order drops to 2 on smooth grids (measured on Karras and log-linear
     grids). Use :func:`sample_lms` there: it integrates the same polynomial with the grid's
-    actual spacing. The step into sigma = 0 is x = D(x, sigma_min). ``generator`` is unused.
+    actual spacing. The step into sigma = 0 integrates the stored slopes' polynomial in sigma
+    (:func:`._common.final_step`, up to ``final_order``; 1 gives x = D(x, sigma_min)).
+    ``generator`` is unused.
     """
     if warmup not in ("prk", "pie"):
         raise ValueError(f"warmup must be 'prk' or 'pie'; got {warmup!r}")
@@ -175,15 +169,17 @@ def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
         return x_ + (sigma_to - sigma_) * e
 
     old: list[torch.Tensor] = []  # eps at the grid points, most recent last
+    s_hist: list[float] = []  # their sigmas
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         e1, denoised = eps(x, sigma)
-        if sigma_next == 0:
-            x = denoised  # phi(x, e1, sigma -> 0) = D
+        if sigma_next == 0:  # Adams-Bashforth in sigma over the stored slopes, into 0
+            hist = list(zip(s_hist, old, strict=True)) + [(float(sigma), e1)]
+            x = final_step(x, hist, order=final_order)
             report(callback, i, x, sigma, sigma_next, denoised)
             break
         if warmup == "prk" and len(old) < 3:
-            old = (old + [e1])[-3:]
+            old, s_hist = (old + [e1])[-3:], (s_hist + [float(sigma)])[-3:]
             x = _rk4_in_sigma(eps, x, sigma, sigma_next, e1)
             report(callback, i, x, sigma, sigma_next, denoised)
             continue
@@ -194,6 +190,7 @@ def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
             weights = _AB[len(old) + 1]  # AB2, AB3 while ramping up (pie), then AB4
             e_prime = sum(w * e for w, e in zip(weights, [e1] + old[::-1], strict=True))
         old = (old + [e1])[-3:]
+        s_hist = (s_hist + [float(sigma)])[-3:]
         x = phi(x, e_prime, sigma, sigma_next)
         report(callback, i, x, sigma, sigma_next, denoised)
     return finish(x, dtype)
