@@ -1,0 +1,174 @@
+"""Sampler benchmark: every deterministic sfumato sampler x sigma grid and every diffusers
+scheduler configuration, driven by the same exact model, at NFE 5, 10, 20, 50.
+
+    python benchmarks/samplers.py                 # the full table (~2-3 min on 2 cores)
+    python benchmarks/samplers.py --quick         # smaller: fewer samples, fewer configs
+    python benchmarks/samplers.py --mixture gmm2d --schedule linear --json out.json
+
+The model is a Gaussian mixture with a closed-form denoiser, so the only error left is the
+solver's. Each method starts from the same noise and is scored by the RMS distance of its
+output to the exact probability-flow ODE solution (a fine RK4 reference in float64); NFE is
+counted by wrapping the model. diffusers schedulers see the mixture as an eps-prediction
+network in VP coordinates. Setting and conventions: see the docstring of ``sfumato.bench``.
+
+Prints the table (rows = method, columns = NFE, values = RMS error), then per NFE the best
+sfumato configuration, the best diffusers configuration and their ratio. The target is a
+ratio <= 0.5 at NFE 5, 10 and 20; the exit status is 0 either way.
+
+diffusers is optional (``pip install 'sfumato[bench]'``); without it only sfumato runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from sfumato import bench
+from sfumato.samplers import STOCHASTIC
+
+BAR_NFES = (5, 10, 20)
+BAR_RATIO = 0.5
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mixture", default="img3", choices=sorted(bench.MIXTURES),
+                   help="the exact model (default: %(default)s)")
+    p.add_argument("--schedule", default="scaled_linear", choices=["scaled_linear", "linear"],
+                   help="VP beta schedule, 1000 steps (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=128, help="samples (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="mixture and noise seed")
+    p.add_argument("--nfe", type=int, nargs="+", default=list(bench.DEFAULT_NFES),
+                   help="NFE budgets (default: 5 10 20 50)")
+    p.add_argument("--samplers", nargs="+", default=None,
+                   help="sfumato samplers (default: every deterministic one)")
+    p.add_argument("--grids", nargs="+", default=None, choices=sorted(bench.GRIDS),
+                   help="sigma grids (default: all)")
+    p.add_argument("--ref-steps", type=int, default=400,
+                   help="RK4 steps of the reference solution (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="32 samples, 4 grids, a coarser reference, a few diffusers configs")
+    p.add_argument("--no-diffusers", action="store_true", help="sfumato only")
+    p.add_argument("--no-rk45", action="store_true", help="leave out the adaptive rk45 row")
+    p.add_argument("--sigma-source", default="scheduler", choices=["scheduler", "timestep"],
+                   help="which sigma the diffusers eps model is evaluated at: the one the "
+                        "scheduler assumes (its best case, default) or sigma(t) of the "
+                        "timestep passed, as an integer-t network sees it")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: the tensors are small)")
+    p.add_argument("--json", type=Path, default=None, help="write the results here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write an error-vs-NFE PNG of the best few methods here")
+    p.add_argument("--progress", action="store_true", help="show a progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        nfes = bench.check_nfes(args.nfe)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    batch, ref_steps, grids, level = args.batch, args.ref_steps, args.grids, "full"
+    if args.quick:
+        batch, ref_steps, level = min(batch, 32), min(ref_steps, 200), "small"
+        grids = grids or ["karras", "loglinear", "uniform_t", "trailing"]
+    cfgs = []
+    notes = []
+    if args.no_diffusers:
+        notes.append("diffusers left out on request")
+    elif bench.diffusers_available():
+        import diffusers
+
+        cfgs = bench.diffusers_configs(level)
+        notes.append(f"diffusers {diffusers.__version__}: {len(cfgs)} configurations "
+                     f"before de-duplication; eps model evaluated at the "
+                     f"{'sigma the scheduler assumes' if args.sigma_source == 'scheduler' else 'sigma(t) of the timestep passed'}")  # noqa: E501
+    else:
+        notes.append("diffusers is not installed (pip install 'sfumato[bench]'): sfumato only")
+
+    with bench.torch_threads(args.threads):
+        problem = bench.make_problem(args.mixture, args.schedule, batch=batch, seed=args.seed,
+                                     ref_steps=ref_steps)
+        info = problem.info
+        print(f"problem: {info['mixture']} mixture ({info['mixture_desc']})")
+        print(f"         VP {info['schedule']}, 1000 steps, sigma in "
+              f"[{info['sigma_min']:.4g}, {info['sigma_max']:.4g}]; {info['batch']} samples, "
+              f"seed {info['seed']}")
+        print(f"reference: RK4 in log sigma, {ref_steps} steps, float64, to sigma=1e-4 then D; "
+              f"accuracy ~{info['ref_accuracy']:.1e} (vs half the steps)")
+        print(f"final-step floor: the exact ODE down to sigma_min, then the first-order step "
+              f"D(x, sigma_min) into 0, is {info['final_step_floor']:.2e} from the reference "
+              "(where first-order last steps level off)")
+        print(f"setup {time.perf_counter() - t0:.1f} s\n", flush=True)
+        bench_out = bench.run_benchmark(
+            problem, samplers=args.samplers, grids_=grids, diffusers=cfgs, nfes=nfes,
+            rk45=not args.no_rk45, sigma_source=args.sigma_source, progress=args.progress,
+            log=lambda m: print(m, flush=True))
+    results = bench_out["results"]
+    notes += bench_out["notes"]
+    notes.append("stochastic samplers are left out (they do not converge to the ODE "
+                 f"solution): sfumato {', '.join(sorted(STOCHASTIC))}; diffusers "
+                 f"{', '.join(bench.DIFFUSERS_STOCHASTIC)}")
+    notes.append("rk45 (adaptive) picks, per NFE, the tolerance with the least error within "
+                 "the budget; it is not in the best-of")
+    notes.append("each cell uses the most steps whose counted NFE fits the budget "
+                 "(e.g. Heun: 2n-1 per n steps, PLMS: n+1)")
+
+    print("RMS error vs the exact PF-ODE solution (NaN = non-finite output, error = raised, "
+          "n/a = budget too small)\n")
+    print(bench.format_table(results, nfes))
+    summary = bench.summarize(results, nfes)
+    print("\nbest per NFE (fixed-grid sfumato samplers vs every diffusers configuration):")
+    print(bench.format_summary(summary))
+    bar_rows = [summary[k] for k in BAR_NFES if k in summary]
+    if bar_rows and all(r["ratio"] is not None for r in bar_rows):
+        ok = all(r["ratio"] <= BAR_RATIO for r in bar_rows)
+        shown = ", ".join(f"{k}: {summary[k]['ratio']:.2f}" for k in BAR_NFES if k in summary)
+        print(f"bar (ratio <= {BAR_RATIO} at NFE {', '.join(map(str, BAR_NFES))}): "
+              f"{'met' if ok else 'NOT met'} ({shown})")
+    print()
+    for n in notes:
+        print(f"note: {n}")
+    elapsed = time.perf_counter() - t0
+    print(f"\nruntime {elapsed:.1f} s wall, {bench_out['cpu_s']:.1f} s CPU in the runs "
+          f"({len(results)} cells, {bench_out['diffusers_configs']} diffusers configurations)")
+
+    if args.json:
+        payload = bench.results_payload(problem, results, nfes, notes)
+        payload["runtime_s"] = round(elapsed, 1)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+        print(f"wrote {args.json}")
+    if args.plot:
+        best = _best_methods(results, nfes, per_family=5)
+        bench.plot_errors([r for r in results if r.method in best], nfes, args.plot,
+                          title=f"{args.mixture} mixture, VP {args.schedule}: best methods")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _best_methods(results, nfes, per_family: int) -> set[str]:
+    """The methods with the lowest geometric-mean error over the NFEs, per family."""
+    import math
+
+    score: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r.family in ("sfumato", "diffusers"):
+            e = r.error if r.valid else 10.0
+            score.setdefault((r.family, r.method), []).append(math.log(max(e, 1e-12)))
+    best: set[str] = set()
+    for fam in ("sfumato", "diffusers"):
+        ranked = sorted((sum(v) / len(v), m) for (f, m), v in score.items() if f == fam)
+        best |= {m for _, m in ranked[:per_family]}
+    return best
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The ``sfumato`` command line: a thin argparse layer over library functions.
+
+    sfumato samplers                 list the registered samplers
+    sfumato compare [--out DIR] ...  sfumato vs diffusers: error vs NFE table, PNG and JSON
+
+Each subcommand is a ``_cmd_<name>(args) -> int`` that calls into the library; bad input is
+reported as ``sfumato <cmd>: error: ...`` with exit status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+class UsageError(Exception):
+    """Bad user input found after parsing (exit status 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
+
+
+def _cmd_samplers(args: argparse.Namespace) -> int:
+    from .samplers import SAMPLERS, STOCHASTIC
+
+    width = max(len(n) for n in SAMPLERS)
+    print(f"{'name':<{width}}  stochastic  summary")
+    for name, fn in SAMPLERS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()
+        first = doc[0] if doc else ""
+        print(f"{name:<{width}}  {'yes' if name in STOCHASTIC else 'no':<10}  {first}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from . import bench
+    from .samplers import SAMPLERS, STOCHASTIC
+
+    for spec in args.samplers or ():
+        name = spec.partition("(")[0].strip()
+        if name not in SAMPLERS:
+            import difflib
+
+            close = difflib.get_close_matches(name, SAMPLERS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"unknown sampler {name!r}{hint}; run 'sfumato samplers' to "
+                             "list them")
+        bench.parse_sampler(spec)  # malformed keywords -> ValueError -> exit 2
+        if name in STOCHASTIC:
+            raise UsageError(f"sampler {name!r} is stochastic: it does not converge to the ODE "
+                             "solution that compare measures against")
+    payload = bench.compare(
+        args.out, nfes=args.nfe, seed=args.seed, samplers=args.samplers, grids_=args.grids,
+        mixture=args.mixture, schedule=args.schedule, batch=args.batch,
+        use_diffusers=not args.no_diffusers, quick=args.quick,
+        progress=not args.no_progress,
+    )
+    info = payload["problem"]
+    print(f"problem: {info['mixture']} ({info['mixture_desc']}), VP {info['schedule']} "
+          f"(sigma {info['sigma_min']:.3g}..{info['sigma_max']:.3g}), {info['batch']} samples, "
+          f"seed {info['seed']}")
+    print("RMS error vs the exact PF-ODE solution from the same noise "
+          f"(reference accuracy ~{info['ref_accuracy']:.1e}; final-step floor at "
+          f"sigma_min {info['final_step_floor']:.2e})\n")
+    print(payload["table"])
+    print()
+    print(payload["summary"])
+    for note in payload["notes"]:
+        print(f"note: {note}")
+    print(f"\nwrote {payload['png']} and {payload['json']} ({payload['runtime_s']:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="sfumato",
+        description="sfumato: diffusion models in one sigma-space.",
+    )
+    parser.add_argument("--version", action="version", version=f"sfumato {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("samplers", help="list the registered samplers",
+                       description="List the registered samplers and whether they draw noise.")
+    p.set_defaults(func=_cmd_samplers)
+
+    from .bench import COMPARE_GRIDS, COMPARE_SAMPLERS, GRIDS, MIXTURES
+
+    p = sub.add_parser(
+        "compare", help="sfumato vs diffusers samplers: error vs NFE (table, PNG, JSON)",
+        description=(
+            "Run a few sfumato samplers and, if installed, diffusers schedulers on one exact "
+            "Gaussian-mixture model under a 1000-step VP process, and report each one's RMS "
+            "error against the exact probability-flow ODE solution from the same noise, at "
+            "each NFE. Writes DIR/compare.png (log-log error vs NFE) and DIR/compare.json. "
+            "The full benchmark is benchmarks/samplers.py."),
+    )
+    p.add_argument("--out", default="sfumato-compare", metavar="DIR",
+                   help="output directory (default: %(default)s)")
+    p.add_argument("--nfe", type=_positive_int, nargs="+", default=[5, 10, 20], metavar="N",
+                   help="denoiser-call budgets (default: 5 10 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the mixture and the noise")
+    p.add_argument("--samplers", nargs="+", metavar="NAME", default=None,
+                   help=f"sfumato samplers, optionally with keywords, e.g. 'unipc(order=2)' "
+                        f"(default: {' '.join(COMPARE_SAMPLERS)})")
+    p.add_argument("--grids", nargs="+", metavar="GRID", default=None, choices=sorted(GRIDS),
+                   help=f"sigma grids (default: {' '.join(COMPARE_GRIDS)}; "
+                        f"choices: {', '.join(GRIDS)})")
+    p.add_argument("--mixture", default="img1", choices=sorted(MIXTURES),
+                   help="the exact model (default: %(default)s)")
+    p.add_argument("--schedule", default="scaled_linear", choices=["scaled_linear", "linear"],
+                   help="VP beta schedule, 1000 steps (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=128,
+                   help="number of samples (default: %(default)s)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer samples and a coarser reference (a few seconds)")
+    p.add_argument("--no-diffusers", action="store_true", help="sfumato samplers only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``sfumato`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError) as e:
+        print(f"sfumato {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""The benchmark harness (sfumato.bench) and the command line (sfumato compare / samplers)."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sfumato import bench, cli
+from sfumato.samplers import SAMPLERS, STOCHASTIC
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the IHDR chunk, which must come first."""
+    assert data[:8] == PNG_SIGNATURE
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the tensors here are tiny: one thread is faster and immune to a busy machine
+    with bench.torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def problem(_one_thread):
+    return bench.make_problem("gmm2d", "scaled_linear", batch=16, seed=0, ref_steps=200)
+
+
+# ---------------------------------------------------------------------------------------
+# the harness
+# ---------------------------------------------------------------------------------------
+def test_problem_reference_is_converged_and_starts_from_shared_noise(problem):
+    p = problem
+    assert p.x_start.dtype == torch.float64 and p.x_start.shape == (16, 2)
+    assert torch.allclose(p.latent * math.sqrt(1 + p.sigma_max**2), p.x_start)
+    assert p.ref_accuracy < 1e-5
+    assert 0 < p.info["final_step_floor"] < 0.05
+    # methods starting at sigma_max get exactly x_start; lower starts read the VP latent
+    assert bench.start_state(p, p.sigma_max) is p.x_start
+    s0 = 3.0
+    assert torch.allclose(bench.start_state(p, s0), p.latent * math.sqrt(1 + s0**2))
+
+
+def test_grids_stay_in_the_trained_range(problem):
+    proc = problem.process
+    for name in bench.GRIDS:
+        sig = bench.sfumato_grid(name, proc, 7)
+        assert sig[-1] == 0 and len(sig) == 8
+        pos = sig[:-1]
+        assert (pos[1:] < pos[:-1]).all(), name
+        assert pos.max() <= proc.sigma_max * (1 + 1e-9) and pos.min() >= proc.sigma_min * (
+            1 - 1e-9), name
+
+
+def test_steps_for_nfe_counts_honestly(problem):
+    # Heun: 2n - 1 NFE for n steps, so budget 10 -> 5 steps, 9 NFE
+    r = bench.run_sfumato(problem, "heun", "karras", 10)
+    assert r.status == "ok" and r.steps == 5 and r.nfe == 9
+    r = bench.run_sfumato(problem, "euler", "karras", 10)
+    assert r.status == "ok" and r.steps == 10 and r.nfe == 10
+
+
+def test_second_order_error_decreases_with_nfe(problem):
+    errs = [bench.run_sfumato(problem, "heun", "karras", k).error for k in (10, 20, 50)]
+    assert all(math.isfinite(e) for e in errs)
+    assert errs[0] > errs[1] > errs[2], errs
+    # well below the first-order sampler at the same budget
+    assert errs[2] < bench.run_sfumato(problem, "euler", "karras", 50).error
+
+
+def test_not_implemented_sampler_is_skipped_with_a_note(problem, monkeypatch, capsys):
+    def todo(denoiser, x, sigmas, **kw):
+        raise NotImplementedError
+
+    monkeypatch.setitem(SAMPLERS, "todo_sampler", todo)
+    out = bench.run_benchmark(problem, samplers=["todo_sampler", "euler"], grids_=["karras"],
+                              nfes=[5], rk45=False)
+    assert out["skipped"] == ["todo_sampler"]
+    assert [r.method for r in out["results"]] == ["euler / karras"]
+    assert "todo_sampler" in capsys.readouterr().out
+
+
+def test_sampler_specs_and_order_variants(problem):
+    assert bench.parse_sampler("heun") == ("heun", {})
+    assert bench.parse_sampler("lms(order=2)") == ("lms", {"order": 2})
+    with pytest.raises(ValueError, match="no parameter"):
+        bench.parse_sampler("lms(nope=2)")
+    with pytest.raises(ValueError, match="malformed"):
+        bench.parse_sampler("lms(order=2")
+    names = bench.deterministic_samplers()
+    assert "lms(order=2)" in names and "lms" in names
+    assert not any(bench.parse_sampler(n)[0] in STOCHASTIC or n == "rk45" for n in names)
+    r = bench.run_sfumato(problem, "lms(order=2)", "karras", 10)
+    assert r.status == "ok" and r.nfe == 10 and r.method == "lms(order=2) / karras"
+
+
+def test_identical_samplers_share_a_row(problem):
+    out = bench.run_benchmark(problem, samplers=["euler", "ddim", "heun"], grids_=["karras"],
+                              nfes=[5, 10], rk45=False, log=None)
+    assert sorted({r.method for r in out["results"]}) == ["euler=ddim / karras", "heun / karras"]
+    assert any("euler=ddim" in n for n in out["notes"])
+
+
+def test_benchmark_rejects_bad_input(problem):
+    with pytest.raises(ValueError, match="positive"):
+        bench.run_benchmark(problem, samplers=["euler"], grids_=["karras"], nfes=[0])
+    with pytest.raises(ValueError, match="unknown sampler"):
+        bench.run_benchmark(problem, samplers=["nope"], nfes=[5])
+    stochastic = sorted(STOCHASTIC)[0]
+    with pytest.raises(ValueError, match="stochastic"):
+        bench.run_benchmark(problem, samplers=[stochastic], nfes=[5])
+
+
+def test_summary_and_table():
+    R = bench.Result
+    res = [R("a / karras", "sfumato", 5, nfe=5, error=0.1),
+           R("b / karras", "sfumato", 5, nfe=5, error=0.05),
+           R("X", "diffusers", 5, nfe=5, error=0.2),
+           R("Y", "diffusers", 5, nfe=5, error=float("nan"), status="nan"),
+           R("rk45 (adaptive)", "sfumato-adaptive", 5, nfe=5, error=1e-9)]
+    s = bench.summarize(res, [5])[5]
+    assert s["sfumato"] == "b / karras" and s["diffusers"] == "X"
+    assert s["ratio"] == pytest.approx(0.25)
+    table = bench.format_table(res, [5])
+    assert "NaN" in table and "5.00e-02" in table
+
+
+# ---------------------------------------------------------------------------------------
+# diffusers
+# ---------------------------------------------------------------------------------------
+def test_eps_wrapper_is_exact_algebra(problem):
+    p = problem
+    model = bench.EpsModel(p.model, p.process)
+    g = torch.Generator().manual_seed(3)
+    for t in (0, 17, 500.5, 999):
+        sigma = float(p.process.sigma(torch.tensor(float(t), dtype=torch.float64)))
+        ab = 1 / (1 + sigma**2)  # alpha_bar at t
+        x = p.model.sample(8, generator=g) + sigma * torch.randn(8, 2, generator=g,
+                                                                 dtype=torch.float64)
+        x_t = math.sqrt(ab) * x  # VP coordinates
+        eps = model(x_t, torch.tensor(t))
+        x0 = (x_t - math.sqrt(1 - ab) * eps) / math.sqrt(ab)  # DDPM's x0 from eps
+        torch.testing.assert_close(x0, p.model(x, torch.full((8,), sigma, dtype=torch.float64)),
+                                   rtol=1e-10, atol=1e-10)
+        # an explicit sigma overrides sigma(t)
+        eps2 = model(x_t, torch.tensor(t), sigma)
+        torch.testing.assert_close(eps, eps2)
+    assert model.nfe == 8
+
+
+def test_diffusers_euler_matches_sfumato_euler(problem):
+    pytest.importorskip("diffusers", reason="diffusers not installed (the optional bench "
+                                            "extra): diffusers checks skipped")
+    cfg = bench.DiffusersConfig("Euler karras", "EulerDiscreteScheduler",
+                                {"use_karras_sigmas": True})
+    d = bench.run_diffusers(problem, cfg, 10)
+    s = bench.run_sfumato(problem, "euler", "karras", 10)
+    assert d.status == "ok" and d.nfe == 10
+    # same grid (Karras rho 7 on [sigma(0), sigma(T-1)]), same update; diffusers runs float32
+    assert d.error == pytest.approx(s.error, rel=1e-3)
+
+
+def test_diffusers_nan_is_recorded_not_raised(problem):
+    pytest.importorskip("diffusers", reason="diffusers not installed (the optional bench "
+                                            "extra): diffusers checks skipped")
+    cfg = bench.DiffusersConfig("UniPC-bh1 o2", "UniPCMultistepScheduler",
+                                {"solver_order": 2, "solver_type": "bh1"})
+    r = bench.run_diffusers(problem, cfg, 10)
+    assert r.status in ("ok", "nan")  # diffusers 0.3x-0.4x: NaN on the step into sigma = 0
+    if r.status == "nan":
+        assert math.isnan(r.error) and not r.valid
+
+
+def test_diffusers_configs_all_build():
+    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed (the "
+                                                        "optional bench extra)")
+    cfgs = bench.diffusers_configs("full")
+    assert len({c.name for c in cfgs}) == len(cfgs)
+    for c in cfgs:
+        assert hasattr(diffusers, c.cls), c.cls
+
+
+# ---------------------------------------------------------------------------------------
+# sfumato compare
+# ---------------------------------------------------------------------------------------
+def test_compare_writes_png_and_json(tmp_path, capsys):
+    rc = cli.main(["compare", "--quick", "--out", str(tmp_path), "--nfe", "5", "10", "20",
+                   "--samplers", "euler", "heun", "--grids", "karras", "--mixture", "gmm2d",
+                   "--no-progress"])
+    assert rc == 0
+    png = (tmp_path / "compare.png").read_bytes()
+    w, h = _png_size(png)
+    assert w >= 400 and h >= 300 and len(png) > 5000
+    data = json.loads((tmp_path / "compare.json").read_text())
+    for key in ("problem", "nfe", "methods", "best", "notes", "diffusers", "runtime_s"):
+        assert key in data, key
+    assert data["nfe"] == [5, 10, 20]
+    heun = data["methods"]["heun / karras"]
+    assert heun["family"] == "sfumato" and heun["nfe_used"] == [5, 9, 19]
+    # a deterministic 2nd-order sampler converges
+    e = heun["errors"]
+    assert e[0] > e[1] > e[2]
+    for k in ("5", "10", "20"):
+        assert set(data["best"][k]) >= {"sfumato", "sfumato_error", "diffusers", "ratio"}
+    out = capsys.readouterr().out
+    assert "heun / karras" in out and "compare.png" in out
+    if data["diffusers"]:
+        assert any(m["family"] == "diffusers" for m in data["methods"].values())
+        assert data["best"]["20"]["ratio"] is not None
+
+
+def test_compare_without_diffusers(tmp_path):
+    payload = bench.compare(tmp_path, nfes=[5, 10], samplers=["euler"], grids_=["karras"],
+                            mixture="gmm2d", use_diffusers=False, quick=True, progress=False,
+                            log=None)
+    assert not payload["diffusers"]
+    assert all(m["family"] == "sfumato" for m in payload["methods"].values())
+    assert (tmp_path / "compare.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare", "--samplers", "eulr"], "unknown sampler 'eulr'"),
+    (["compare", "--nfe", "0"], "positive integer"),
+    (["compare", "--nfe", "-3"], "positive integer"),
+    (["compare", "--samplers", sorted(STOCHASTIC)[0]], "stochastic"),
+    (["compare", "--grids", "nope"], "invalid choice"),
+    (["compare", "--samplers", "lms(nope=1)"], "no parameter"),
+])
+def test_bad_input_exits_2_with_a_clear_message(argv, message, tmp_path, capsys):
+    argv = argv + ["--out", str(tmp_path)]
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_samplers_command_lists_registry(capsys):
+    assert cli.main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    for name in SAMPLERS:
+        assert name in out
+
+
+def test_python_dash_m_help():
+    r = subprocess.run([sys.executable, "-m", "sfumato", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0
+    assert "compare" in r.stdout and "samplers" in r.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert cli.main([]) == 2
+    assert "usage" in capsys.readouterr().err
