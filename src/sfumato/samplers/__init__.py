@@ -81,4 +81,6 @@ def get_sampler(name: str) -> Callable:
         ) from None
 
 
-__all__ = ["SAMPLERS", "STOCHASTIC", "get_sampler", "sample", "initial_noise"] + [f.__name__ for f in SAMPLERS.values()]
+__all__ = ["SAMPLERS", "STOCHASTIC", "get_sampler", "sample", "initial_noise"] + [
+    f.__name__ for f in SAMPLERS.values()
+]

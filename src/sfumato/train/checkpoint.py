@@ -136,7 +136,9 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, stems: tuple[str, ...] = ("mode
                     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict]:
     """Read (tensors by stem, state, config) from a checkpoint directory."""
     ck = Path(ckpt_dir)
-    if (ck / LATEST).is_dir() or (ck / OLD).is_dir():  # a run dir was given
+    if not ck.is_dir():
+        raise CheckpointError(f"{ck} does not exist")
+    if not (ck / "state.json").is_file():  # a run dir was given
         found = find_checkpoint(ck)
         if found is None:
             raise CheckpointError(f"{ck} has no complete checkpoint yet")

@@ -1,0 +1,60 @@
+"""The command line over a tiny trained run: train, resume, sample (.png/.npz), info, errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sfumato.cli import main
+
+CFG = {
+    "data": {"name": "digits"},
+    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 16,
+              "channel_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False,
+              "norm_groups": 8, "conditional": True},
+    "objective": {"label_dropout": 0.1},
+    "train": {"steps": 3, "batch_size": 16, "checkpoint_every": 0, "num_threads": 1},
+    "sample": {"sampler": "euler", "steps": 4, "n_grid": 10},
+}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    cfg = d / "cfg.json"
+    cfg.write_text(json.dumps(CFG))
+    assert main(["train", str(cfg), "--out", str(d / "run"), "--no-progress"]) == 0
+    return d
+
+
+def test_train_sample_info(run, capsys):
+    out = run / "s.npz"
+    assert main(["sample", str(run / "run"), "--n", "12", "--out", str(out),
+                 "--sampler", "heun", "--steps", "3", "--seed", "1"]) == 0
+    z = np.load(out, allow_pickle=False)
+    assert z["images"].shape == (12, 8, 8, 1) and z["images"].dtype == np.uint8
+    assert z["labels"].tolist() == [i % 10 for i in range(12)]  # classes sampled evenly
+    png = run / "g.png"
+    assert main(["sample", str(run / "run"), "--n", "10", "--class", "3", "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["info", str(run / "run")]) == 0
+    assert "step:        3 of 3" in capsys.readouterr().out
+
+
+def test_same_seed_same_sample_whatever_n(run):
+    a, b = run / "a.npz", run / "b.npz"
+    main(["sample", str(run / "run"), "--n", "3", "--out", str(a), "--steps", "3"])
+    main(["sample", str(run / "run"), "--n", "7", "--out", str(b), "--steps", "3"])
+    assert np.array_equal(np.load(a)["images"], np.load(b)["images"][:3])
+
+
+def test_clear_errors(run, capsys, tmp_path):
+    assert main(["sample", str(run / "run"), "--out", str(run / "x.jpg")]) == 2
+    assert ".png" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), "--out", str(run / "x.png")]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": {"stepz": 3}}))
+    assert main(["train", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")]) == 2
