@@ -43,6 +43,8 @@ def test_deterministic_no_inplace_and_dtypes(name):
     assert a.dtype == torch.float32
     c = _run(name, x.double(), sig)
     assert c.dtype == torch.float64 and torch.isfinite(c).all()
+    h = _run(name, x.to(torch.bfloat16), sig)  # state kept in float32, result in input dtype
+    assert h.dtype == torch.bfloat16 and torch.isfinite(h.float()).all()
 
     def bf16_net(x, sigma):  # a network running in bf16 returns bf16
         return GM(x.double(), sigma.double()).to(torch.bfloat16)

@@ -42,8 +42,8 @@ def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, et
     eta = 0 is the deterministic DDIM = Euler; eta = 1 is DDPM's ancestral sampler (Ho et al.
     2020, Alg. 2 with the posterior variance beta_tilde). Order 1, 1 NFE per step.
     """
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
     dtype = x.dtype
+    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -93,8 +93,9 @@ def sample_edm(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
     sigma_{i+1} (lines 7-10). s_churn = 0 gives the deterministic Heun sampler (Alg. 1).
     2 NFE per step (1 for the step into sigma = 0).
     """
+    dtype = x.dtype
     model, x, sigmas = prepare(denoiser, x, sigmas, cond)
-    dtype, n = x.dtype, len(sigmas) - 1
+    n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
