@@ -818,6 +818,17 @@ class _Task:
     arg: Any = None
 
 
+def _check_choices(samplers: Sequence[str], grid_names: Sequence[str]) -> None:
+    """Only deterministic samplers (the table measures ODE error) and known grids."""
+    for s in samplers:
+        if parse_sampler(s)[0] in STOCHASTIC:
+            raise ValueError(f"sampler {s!r} is stochastic: it does not converge to the ODE "
+                             "solution this comparison measures against")
+    for gname in grid_names:
+        if gname not in GRIDS:
+            raise ValueError(f"unknown grid {gname!r}; choose one of {sorted(GRIDS)}")
+
+
 def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
                   grids_: Iterable[str] | None = None,
                   diffusers: Sequence[DiffusersConfig] | None = None,
@@ -835,13 +846,7 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
     nfes = check_nfes(nfes)
     samplers = list(deterministic_samplers() if samplers is None else samplers)
     grid_names = list(GRIDS if grids_ is None else grids_)
-    for s in samplers:
-        if parse_sampler(s)[0] in STOCHASTIC:
-            raise ValueError(f"sampler {s!r} is stochastic; the ODE-error table needs "
-                             "deterministic samplers")
-    for gname in grid_names:
-        if gname not in GRIDS:
-            raise ValueError(f"unknown grid {gname!r}; choose one of {sorted(GRIDS)}")
+    _check_choices(samplers, grid_names)
     notes: list[str] = []
     cfgs = list(diffusers or [])
     if cfgs:
@@ -1127,13 +1132,7 @@ def compare(out: str | Path = "sfumato-compare", *, nfes: Sequence[int] = (5, 10
     nfes = check_nfes(nfes)
     samplers = list(COMPARE_SAMPLERS if samplers is None else samplers)
     grid_names = list(COMPARE_GRIDS if grids_ is None else grids_)
-    for s in samplers:
-        if parse_sampler(s)[0] in STOCHASTIC:
-            raise ValueError(f"sampler {s!r} is stochastic: it does not converge to the ODE "
-                             "solution this comparison measures against")
-    for gname in grid_names:
-        if gname not in GRIDS:
-            raise ValueError(f"unknown grid {gname!r}; choose one of {sorted(GRIDS)}")
+    _check_choices(samplers, grid_names)
     if mixture not in MIXTURES:
         raise ValueError(f"unknown mixture {mixture!r}; choose one of {sorted(MIXTURES)}")
     if batch < 1:

@@ -62,9 +62,10 @@ class Model:
         return out.to(x.dtype)
 
 
-def prepare(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor,
-            cond: dict[str, Any]) -> tuple[Model, torch.Tensor, torch.Tensor]:
-    """Validate inputs; return (model, working copy of x, sigmas in the working dtype)."""
+def prepare(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, Any]
+            ) -> tuple[Model, torch.Tensor, torch.Tensor, torch.dtype]:
+    """Validate inputs; return (model, working copy of x, sigmas in the working dtype, the
+    caller's dtype for :func:`finish`)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point torch.Tensor of shape (batch, ...)")
     if x.ndim < 2:
@@ -75,7 +76,7 @@ def prepare(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor,
     check_sigmas(sigmas)
     wd = working_dtype(x.dtype)
     xw = x.detach().to(wd).clone()
-    return Model(denoiser, xw, cond), xw, sigmas.detach().to(device=x.device, dtype=wd)
+    return Model(denoiser, xw, cond), xw, sigmas.detach().to(device=x.device, dtype=wd), x.dtype
 
 
 def finish(x: torch.Tensor, like_dtype: torch.dtype) -> torch.Tensor:

@@ -53,8 +53,7 @@ def sample_rk45(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
         raise ValueError(f"need rtol > 0 and atol >= 0; got rtol={rtol}, atol={atol}")
     if h_init is not None and not h_init > 0:
         raise ValueError(f"h_init is a step length in log(sigma) and must be > 0; got {h_init}")
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
     n_pos = len(s) if s[-1] > 0 else len(s) - 1
     accepted = rejected = 0

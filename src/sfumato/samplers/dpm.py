@@ -67,6 +67,19 @@ def _check_noise(eta: float, s_noise: float) -> None:
 # ---------------------------------------------------------------------------------------
 # DPM-Solver (noise prediction), single-step
 # ---------------------------------------------------------------------------------------
+def _single_step(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, cond: dict,
+                 step: Callable, callback: Callback) -> torch.Tensor:
+    """Drive a single-step method: ``step(model, x, D(x, sigma), sigma, sigma_next)`` gives
+    x at sigma_next (float sigmas); the step into sigma = 0 is the first-order x = D."""
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
+    s = sigmas.double().cpu().tolist()
+    for i in range(len(s) - 1):
+        denoised = model(x, sigmas[i])
+        x = denoised if s[i + 1] == 0 else step(model, x, denoised, s[i], s[i + 1])
+        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
+    return finish(x, dtype)
+
+
 @torch.no_grad()
 def sample_dpm_solver_2(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
                         r1: float = 0.5, generator: Generator = None, callback: Callback = None,
@@ -83,24 +96,17 @@ def sample_dpm_solver_2(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tenso
     the step into sigma = 0 is first order (x = D, 1 NFE). ``generator`` is unused.
     """
     _check_ratio("r1", r1)
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
-    s = sigmas.double().cpu().tolist()
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        denoised = model(x, sigmas[i])
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = log_ratio(sigma, sigma_next)
-            s_mid = sigma * math.exp(-r1 * h)
-            eps = (x - denoised) / sigma
-            u = x - (s_mid * math.expm1(r1 * h)) * eps
-            eps_mid = (u - model(u, s_mid)) / s_mid
-            c = sigma_next * math.expm1(h)
-            x = x - c * eps - (c / (2 * r1)) * (eps_mid - eps)
-        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
-    return finish(x, dtype)
+
+    def step(model, x, denoised, sigma, sigma_next):
+        h = log_ratio(sigma, sigma_next)
+        s_mid = sigma * math.exp(-r1 * h)
+        eps = (x - denoised) / sigma
+        u = x - (s_mid * math.expm1(r1 * h)) * eps
+        eps_mid = (u - model(u, s_mid)) / s_mid
+        c = sigma_next * math.expm1(h)
+        return x - c * eps - (c / (2 * r1)) * (eps_mid - eps)
+
+    return _single_step(denoiser, x, sigmas, cond, step, callback)
 
 
 @torch.no_grad()
@@ -124,26 +130,19 @@ def sample_dpm_solver_3(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tenso
     _check_ratio("r2", r2)
     if not r1 < r2:
         raise ValueError(f"need r1 < r2; got r1={r1!r}, r2={r2!r}")
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
-    s = sigmas.double().cpu().tolist()
-    for i in range(len(s) - 1):
-        sigma, sigma_next = s[i], s[i + 1]
-        denoised = model(x, sigmas[i])
-        if sigma_next == 0:
-            x = denoised
-        else:
-            h = log_ratio(sigma, sigma_next)
-            s1, s2 = sigma * math.exp(-r1 * h), sigma * math.exp(-r2 * h)
-            eps = (x - denoised) / sigma
-            u1 = x - (s1 * math.expm1(r1 * h)) * eps
-            d1 = (u1 - model(u1, s1)) / s1 - eps
-            u2 = (x - (s2 * math.expm1(r2 * h)) * eps
-                  - (s2 * r2 / r1 * r2 * h * phi(2, r2 * h)) * d1)
-            d2 = (u2 - model(u2, s2)) / s2 - eps
-            x = x - (sigma_next * math.expm1(h)) * eps - (sigma_next / r2 * h * phi(2, h)) * d2
-        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
-    return finish(x, dtype)
+
+    def step(model, x, denoised, sigma, sigma_next):
+        h = log_ratio(sigma, sigma_next)
+        s1, s2 = sigma * math.exp(-r1 * h), sigma * math.exp(-r2 * h)
+        eps = (x - denoised) / sigma
+        u1 = x - (s1 * math.expm1(r1 * h)) * eps
+        d1 = (u1 - model(u1, s1)) / s1 - eps
+        u2 = (x - (s2 * math.expm1(r2 * h)) * eps
+              - (s2 * r2 / r1 * r2 * h * phi(2, r2 * h)) * d1)
+        d2 = (u2 - model(u2, s2)) / s2 - eps
+        return x - (sigma_next * math.expm1(h)) * eps - (sigma_next / r2 * h * phi(2, h)) * d2
+
+    return _single_step(denoiser, x, sigmas, cond, step, callback)
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,14 +174,11 @@ def sample_dpmpp_2s(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *
     ``generator`` is unused.
     """
     _check_ratio("r", r)
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
-    s = sigmas.double().cpu().tolist()
-    for i in range(len(s) - 1):
-        denoised = model(x, sigmas[i])
-        x = denoised if s[i + 1] == 0 else _dpmpp_2s_step(model, x, denoised, s[i], s[i + 1], r)
-        report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
-    return finish(x, dtype)
+
+    def step(model, x, denoised, sigma, sigma_next):
+        return _dpmpp_2s_step(model, x, denoised, sigma, sigma_next, r)
+
+    return _single_step(denoiser, x, sigmas, cond, step, callback)
 
 
 @torch.no_grad()
@@ -199,8 +195,7 @@ def sample_dpmpp_2s_ancestral(denoiser: Callable, x: torch.Tensor, sigmas: torch
     """
     _check_noise(eta, s_noise)
     _check_ratio("r", r)
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -242,8 +237,7 @@ def _dpmpp_multistep(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
     ODE (eta = 0), an Adams-Bashforth step in sigma over the last ``final_order`` slopes
     (:func:`sfumato.samplers._common.final_step`); with noise (eta > 0) it is x = D.
     """
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
     hist: list[torch.Tensor] = []  # previous denoised, most recent last
     hs: list[float] = []  # previous step lengths in lambda, most recent last

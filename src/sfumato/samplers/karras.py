@@ -42,8 +42,7 @@ def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, et
     eta = 0 is the deterministic DDIM = Euler; eta = 1 is DDPM's ancestral sampler (Ho et al.
     2020, Alg. 2 with the posterior variance beta_tilde). Order 1, 1 NFE per step.
     """
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -93,8 +92,7 @@ def sample_edm(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
     sigma_{i+1} (lines 7-10). s_churn = 0 gives the deterministic Heun sampler (Alg. 1).
     2 NFE per step (1 for the step into sigma = 0).
     """
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

@@ -84,8 +84,7 @@ def sample_lms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, ord
         raise ValueError(f"order must be a positive integer; got {order!r}")
     if warmup not in ("ab", "rk4"):
         raise ValueError(f"warmup must be 'ab' or 'rk4'; got {warmup!r}")
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
     eps = _eps_fn(model)
     ds: list[torch.Tensor] = []  # most recent last
@@ -161,8 +160,7 @@ def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
     """
     if warmup not in ("prk", "pie"):
         raise ValueError(f"warmup must be 'prk' or 'pie'; got {warmup!r}")
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     eps = _eps_fn(model)
 
     def phi(x_: torch.Tensor, e: torch.Tensor, sigma_: torch.Tensor,

@@ -61,8 +61,7 @@ def sample_euler_maruyama(denoiser: Callable, x: torch.Tensor, sigmas: torch.Ten
     step into 0 does; with False the sample keeps noise of level sigma_min. A grid ending at a
     positive sigma has no final denoise.
     """
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, sigma)
@@ -115,8 +114,7 @@ def sample_pc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, snr:
         raise ValueError(f"n_corrector must be a nonnegative integer; got {n_corrector!r}")
     if not snr > 0:
         raise ValueError(f"snr must be positive; got {snr!r}")
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     who = "the predictor-corrector sampler"
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]

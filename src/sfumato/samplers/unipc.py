@@ -91,8 +91,7 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, o
         raise ValueError(f"order must be 1, 2 or 3; got {order!r}")
     if variant not in ("bh1", "bh2"):
         raise ValueError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
-    dtype = x.dtype
-    model, x, sigmas = prepare(denoiser, x, sigmas, cond)
+    model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
     n = len(s) - 1
     lam = [-math.log(v) if v > 0 else math.inf for v in s]
