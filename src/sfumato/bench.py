@@ -1050,7 +1050,7 @@ def plot_errors(results: Sequence[Result], nfes: Sequence[int], path: str | Path
 # sfumato compare
 # ---------------------------------------------------------------------------------------
 #: the handful of samplers and grids ``sfumato compare`` runs by default
-COMPARE_SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc(order=2)")
+COMPARE_SAMPLERS = ("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc(order=2)", "lms")
 COMPARE_GRIDS = ("karras", "loglinear")
 
 
