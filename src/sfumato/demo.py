@@ -21,7 +21,7 @@ DEMO_CONFIG: dict[str, Any] = {
               "mid_attention": False, "norm_groups": 8},
     "objective": {"target": "edm", "sigma_data": 0.5, "sigma_sampling": "lognormal",
                   "P_mean": -1.2, "P_std": 1.2, "weighting": "edm"},
-    "train": {"steps": 1500, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50,
+    "train": {"steps": 1350, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50,
               "schedule": "cosine", "checkpoint_every": 500, "ema": {"kind": "power",
                                                                      "sigma_rel": 0.1}},
     "sample": {"sampler": "heun", "steps": 18, "grid": "karras", "sigma_min": 0.002,
