@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import sigmas as grids
-from .samplers import get_sampler, initial_noise
+from .data.base import to_uint8 as data_to_uint8
+from .samplers import sample
 
 
 def per_sample_generators(seed: int, n: int, start: int = 0,
@@ -30,23 +30,20 @@ def per_sample_generators(seed: int, n: int, start: int = 0,
 def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int = 0,
                 device: torch.device | str = "cpu", class_labels: torch.Tensor | None = None,
                 callback=None) -> torch.Tensor:
-    """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, ...}."""
-    gens = per_sample_generators(seed, shape[0])
-    fn = get_sampler(sample_cfg.get("sampler", "heun"))
-    sig = grids.get_sigmas(sample_cfg.get("grid", "karras"), int(sample_cfg.get("steps", 18)),
-                           sigma_min=sample_cfg.get("sigma_min", 0.002),
-                           sigma_max=sample_cfg.get("sigma_max", 80.0))
-    x = initial_noise(shape, float(sig[0]), gens).to(device)
+    """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs}, one
+    generator per sample (see :func:`sfumato.samplers.sample`)."""
     cond = {"class_labels": class_labels.to(device)} if class_labels is not None else {}
-    extra = dict(sample_cfg.get("kwargs", {}))
-    return fn(denoiser, x, sig, generator=gens, callback=callback, **extra, **cond)
+    return sample(denoiser, shape, sampler=sample_cfg.get("sampler", "heun"),
+                  steps=int(sample_cfg.get("steps", 18)), grid=sample_cfg.get("grid", "karras"),
+                  sigma_min=sample_cfg.get("sigma_min", 0.002),
+                  sigma_max=sample_cfg.get("sigma_max", 80.0),
+                  generator=per_sample_generators(seed, shape[0]), device=device,
+                  callback=callback, sampler_kwargs=sample_cfg.get("kwargs"), **cond)
 
 
-def to_uint8(x: torch.Tensor, data_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """(N, C, H, W) floats in ``data_range`` -> (N, H, W, C) uint8."""
-    lo, hi = data_range
-    u = ((x.detach().float().cpu() - lo) / (hi - lo) * 255).round().clamp(0, 255)
-    return u.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 numpy (``sfumato.data.to_uint8``)."""
+    return data_to_uint8(x).numpy()
 
 
 class Model:

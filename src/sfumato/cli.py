@@ -50,21 +50,8 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from . import bench
-    from .samplers import SAMPLERS, STOCHASTIC
 
-    for spec in args.samplers or ():
-        name = spec.partition("(")[0].strip()
-        if name not in SAMPLERS:
-            import difflib
-
-            close = difflib.get_close_matches(name, SAMPLERS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UsageError(f"unknown sampler {name!r}{hint}; run 'sfumato samplers' to "
-                             "list them")
-        bench.parse_sampler(spec)  # malformed keywords -> ValueError -> exit 2
-        if name in STOCHASTIC:
-            raise UsageError(f"sampler {name!r} is stochastic: it does not converge to the ODE "
-                             "solution that compare measures against")
+    # bench.compare validates names, keywords and stochastic samplers (ValueError -> exit 2)
     payload = bench.compare(
         args.out, nfes=args.nfe, seed=args.seed, samplers=args.samplers, grids_=args.grids,
         mixture=args.mixture, schedule=args.schedule, batch=args.batch,

@@ -44,6 +44,11 @@ def _t(x: torch.Tensor | float, like: torch.Tensor | None = None) -> torch.Tenso
     return torch.as_tensor(x, dtype=dtype)
 
 
+def _vp_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """The VP scale as a function of sigma: s = sqrt(alpha_bar) = 1 / sqrt(1 + sigma^2)."""
+    return 1.0 / (1.0 + sigma**2).sqrt()
+
+
 class Process:
     """Base class. Subclasses define ``sigma(t)``, ``t_from_sigma(sigma)``, ``scale(t)``.
 
@@ -199,10 +204,10 @@ class VPDiscrete(Process):
         return t.to(sigma.dtype)
 
     def scale(self, t: torch.Tensor) -> torch.Tensor:
-        return 1.0 / (1.0 + self.sigma(t) ** 2).sqrt()
+        return _vp_scale(self.sigma(t))
 
     def scale_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return 1.0 / (1.0 + _t(sigma) ** 2).sqrt()
+        return _vp_scale(_t(sigma))
 
     def sample_t(self, n: int, *, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> torch.Tensor:
@@ -245,7 +250,7 @@ class VPContinuous(Process):
         return torch.exp(-0.5 * self._neg_log_ab(_t(t)))
 
     def scale_from_sigma(self, sigma: torch.Tensor) -> torch.Tensor:
-        return 1.0 / (1.0 + _t(sigma) ** 2).sqrt()
+        return _vp_scale(_t(sigma))
 
 
 @dataclass

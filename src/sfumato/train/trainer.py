@@ -149,7 +149,8 @@ class Trainer:
             self.ddp = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # the same preconditioning, called through the DDP wrapper when distributed
-        self.train_denoiser = build_denoiser(self.ddp or self.net, self.cfg["objective"])
+        self.train_denoiser = self.denoiser if self.ddp is None else \
+            build_denoiser(self.ddp, self.cfg["objective"])
         self.progress = progress and self.rank == 0
         self._resume()
 
