@@ -29,10 +29,12 @@ def per_sample_generators(seed: int, n: int, start: int = 0,
 @torch.no_grad()
 def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int = 0,
                 device: torch.device | str = "cpu", class_labels: torch.Tensor | None = None,
-                callback=None) -> torch.Tensor:
+                callback=None, **cond) -> torch.Tensor:
     """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs}, one
-    generator per sample (see :func:`sfumato.samplers.sample`)."""
-    cond = {"class_labels": class_labels.to(device)} if class_labels is not None else {}
+    generator per sample (see :func:`sfumato.samplers.sample`); ``cond`` tensors go to the
+    denoiser."""
+    if class_labels is not None:
+        cond["class_labels"] = class_labels.to(device)
     return sample(denoiser, shape, sampler=sample_cfg.get("sampler", "heun"),
                   steps=int(sample_cfg.get("steps", 18)), grid=sample_cfg.get("grid", "karras"),
                   sigma_min=sample_cfg.get("sigma_min", 0.002),
@@ -47,34 +49,99 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 class Model:
-    """A trained run: its config and EMA network wrapped as a σ-space denoiser."""
+    """A trained run: its config and EMA network wrapped as a σ-space denoiser (for a
+    classifier run, ``denoiser`` is the :class:`~sfumato.guidance.NoisyClassifier`)."""
 
     def __init__(self, config: dict, denoiser, state: dict, device: torch.device) -> None:
         self.config, self.denoiser, self.state, self.device = config, denoiser, state, device
         self.num_classes = state.get("num_classes")
         self.shape = tuple(state["data_shape"]) if state.get("data_shape") else None
+        self.is_classifier = config["objective"]["target"] == "classifier"
+        #: the hint a ControlNet run was trained with ("edges", "mask"), else None
+        self.hint = config["model"].get("hint") if config["model"]["type"] == "controlnet" \
+            else None
+
+    def guided(self, guidance: float = 1.0, *, classifier: Model | None = None,
+               autoguide: Model | None = None, interval: tuple[float, float] | None = None,
+               rescale: float = 0.0):
+        """The denoiser to sample with: plain (guidance 1, no classifier), classifier-free
+        guidance (class-conditional model), classifier guidance (``classifier``: a classifier
+        run) or autoguidance (``autoguide``: a weaker model, e.g. an earlier checkpoint of this
+        run). See :mod:`sfumato.guidance`."""
+        from . import guidance as G
+
+        if self.is_classifier:
+            raise ValueError("this run is a classifier; sample from a diffusion model run")
+        if classifier is not None and autoguide is not None:
+            raise ValueError("choose one of classifier guidance and autoguidance")
+        if classifier is not None:
+            if not classifier.is_classifier:
+                raise ValueError("classifier= must be a classifier run (objective.target = "
+                                 "'classifier')")
+            return G.ClassifierGuidance(self.denoiser, classifier.denoiser, guidance,
+                                        condition_denoiser=bool(self.num_classes),
+                                        sigma_interval=interval)
+        if autoguide is not None:
+            if autoguide.shape != self.shape or autoguide.num_classes != self.num_classes:
+                raise ValueError("the autoguide model must produce the same data shape and "
+                                 "take the same conditioning as this one")
+            return G.AutoGuidance(self.denoiser, autoguide.denoiser, guidance,
+                                  sigma_interval=interval)
+        if guidance == 1.0:
+            return self.denoiser
+        if not self.num_classes:
+            raise ValueError("classifier-free guidance needs a conditional model; for an "
+                             "unconditional one use classifier guidance or autoguidance")
+        return G.ClassifierFreeGuidance(self.denoiser, guidance,
+                                        uncond={"class_labels": self.num_classes},
+                                        rescale=rescale, sigma_interval=interval)
 
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None,
                seed: int = 0, class_labels: torch.Tensor | int | None = None,
-               grid: str | None = None, **sampler_kwargs) -> torch.Tensor:
+               grid: str | None = None, guidance: float = 1.0,
+               classifier: Model | None = None, autoguide: Model | None = None,
+               guidance_interval: tuple[float, float] | None = None,
+               guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
+               control_scale: float = 1.0, **sampler_kwargs) -> torch.Tensor:
         """n samples as a float tensor (n, *data_shape) in the data range.
 
-        A class-conditional model with ``class_labels=None`` samples the classes evenly
-        (labels ``arange(n) % num_classes``, available as ``self.last_labels``).
+        A class-conditional model (or any model guided by a classifier) with
+        ``class_labels=None`` samples the classes evenly (labels ``arange(n) % num_classes``,
+        available as ``self.last_labels``). Guidance arguments: see :meth:`guided`.
+        ``hint`` (n or 1, C, H, W) in [-1, 1] steers a ControlNet run (see
+        :mod:`sfumato.control` for making one from images); without it a ControlNet run
+        samples its base model.
         """
         cfg = dict(self.config["sample"])
         cfg.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("grid", grid))
                     if v is not None})
         if sampler_kwargs:
             cfg["kwargs"] = sampler_kwargs
+        den = self.guided(guidance, classifier=classifier, autoguide=autoguide,
+                          interval=guidance_interval, rescale=guidance_rescale)
+        nc = self.num_classes or (classifier.num_classes if classifier is not None else None)
         if isinstance(class_labels, int):
             class_labels = torch.full((n,), class_labels, dtype=torch.long)
-        if class_labels is None and self.num_classes:
-            class_labels = torch.arange(n) % self.num_classes
+        if class_labels is not None and (not nc or not 0 <= int(class_labels.min()) <= int(
+                class_labels.max()) < nc):
+            raise ValueError(f"class labels must be in [0, {nc}) for this model" if nc else
+                             "class labels need a class-conditional model or a classifier")
+        if class_labels is None and nc:
+            class_labels = torch.arange(n) % nc
         self.last_labels = class_labels
-        return sample_from(self.denoiser, (n, *self.shape), cfg, seed=seed, device=self.device,
-                           class_labels=class_labels)
+        cond = {}
+        if hint is not None:
+            if not self.hint:
+                raise ValueError("hint= needs a ControlNet run (model.type 'controlnet')")
+            if hint.ndim != 4 or hint.shape[0] not in (1, n) or hint.shape[2:] != self.shape[1:]:
+                raise ValueError(f"hint must have shape (1 or {n}, C, {self.shape[1]}, "
+                                 f"{self.shape[2]}); got {tuple(hint.shape)}")
+            cond = {"hint": hint.to(self.device).expand(n, *hint.shape[1:])}
+            if control_scale != 1.0:
+                cond["control_scale"] = control_scale
+        return sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device,
+                           class_labels=class_labels, **cond)
 
     def to_uint8(self, x: torch.Tensor) -> np.ndarray:
         return to_uint8(x)

@@ -97,12 +97,33 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .png (a grid) or .npz (arrays); got {str(out)!r}")
     try:
         model = load(args.run)
+        guides = {k: load(getattr(args, k)) for k in ("classifier", "autoguide")
+                  if getattr(args, k)}
     except CheckpointError as e:
         raise UsageError(str(e)) from None
-    if args.class_label is not None and not model.num_classes:
-        raise UsageError("--class needs a class-conditional model; this one is unconditional")
-    kw = {"sampler": args.sampler, "steps": args.steps}
-    x = model.sample(args.n, seed=args.seed, class_labels=args.class_label, **kw)
+    if args.class_label is not None and not (model.num_classes or "classifier" in guides):
+        raise UsageError("--class needs a class-conditional model (or --classifier); this one "
+                         "is unconditional")
+    kw = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance,
+          "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+          "guidance_rescale": args.guidance_rescale, **guides}
+    if args.control:
+        if not model.hint:
+            raise UsageError("--control needs a ControlNet run (trained with model.type "
+                             "'controlnet'); this one has no ControlNet")
+        from .control import load_hint
+
+        try:
+            kw["hint"] = load_hint(args.control, model.shape[1:],
+                                   channels=model.config["model"].get("hint_channels", 1),
+                                   threshold=0.0)
+        except (OSError, ValueError) as e:
+            raise UsageError(str(e)) from None
+        kw["control_scale"] = args.control_scale
+    try:
+        x = model.sample(args.n, seed=args.seed, class_labels=args.class_label, **kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     if len(model.shape) != 3:  # vector data
         if out.suffix == ".png":
@@ -225,6 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (sample i depends only on it)")
     p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
                    help="class label for a class-conditional model")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="guidance scale (1 = none): classifier-free for a conditional model, "
+                        "or the scale of --classifier / --autoguide")
+    p.add_argument("--classifier", metavar="DIR", default=None,
+                   help="classifier guidance with this noise-conditional classifier run")
+    p.add_argument("--autoguide", metavar="DIR", default=None,
+                   help="autoguidance with this weaker model (e.g. DIR/checkpoints/step-...)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   default=None, help="guide only for LO < sigma <= HI")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
+                   help="CFG rescale phi in [0, 1] (Lin et al. 2024)")
+    p.add_argument("--control", metavar="HINT.png", default=None,
+                   help="spatial hint for a ControlNet run (an edge map or mask image; "
+                        "bright = on)")
+    p.add_argument("--control-scale", type=float, default=1.0, metavar="S",
+                   help="strength of the ControlNet's residuals (default 1)")
     p.add_argument("--out", required=True, metavar="FILE", help="output .png or .npz")
     p.set_defaults(func=_cmd_sample)
 

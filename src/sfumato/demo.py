@@ -2,8 +2,10 @@
 
 The recipe is the one that works on a CPU (see ../shared/DESIGN.md, "Defaults that matter"):
 EDM preconditioning, log-normal sigma sampling and EDM loss weighting, at the data's native
-8x8 resolution, a small U-Net, EMA weights for sampling. Writes into the run directory:
-``checkpoint/``, ``loss.png``, ``samples.png``, ``metrics.json``.
+8x8 resolution, a small U-Net, EMA weights for sampling. The model is class-conditional with
+10% label dropout, so one network samples with and without classifier-free guidance. Writes
+into the run directory: ``checkpoint/``, ``loss.png``, ``samples.png`` (unguided, classes
+evenly), ``guided.png`` (one row per class, guidance ``GUIDANCE``), ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 DEMO_CONFIG: dict[str, Any] = {
     "data": {"name": "digits"},
     "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 32,
               "channel_mult": [1, 2], "num_res_blocks": 2, "attention_resolutions": [],
-              "mid_attention": False, "norm_groups": 8},
+              "mid_attention": False, "norm_groups": 8, "conditional": True},
     "objective": {"target": "edm", "sigma_data": 0.5, "sigma_sampling": "lognormal",
-                  "P_mean": -1.2, "P_std": 1.2, "weighting": "edm"},
+                  "P_mean": -1.2, "P_std": 1.2, "weighting": "edm", "label_dropout": 0.1},
     "train": {"steps": 1350, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50,
               "schedule": "cosine", "checkpoint_every": 500, "ema": {"kind": "power",
                                                                      "sigma_rel": 0.1}},
@@ -29,6 +33,7 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 N_EVAL = 1000  # FD at 300 samples varies 0.5-2x between draws on digits; 1000 is steady
+GUIDANCE = 2.0  # classifier-free guidance scale of the guided grid (benchmarks/guidance.py)
 
 
 def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True,
@@ -53,7 +58,15 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True,
     x = model.sample(n_eval, seed=12345)
     save_grid(model.to_uint8(x[:100]), out / "samples.png", nrow=10)
     data = get_dataset(cfg["data"])
-    metrics = evaluate_images(x, data, n=n_eval)
+    metrics = evaluate_images(x, data, n=n_eval, labels=model.last_labels)
+    guided = {}
+    if model.num_classes:  # one row per class, classifier-free guidance
+        nc = model.num_classes
+        y = torch.arange(nc).repeat_interleave(10)
+        xg = model.sample(len(y), seed=0, class_labels=y, guidance=GUIDANCE)
+        save_grid(model.to_uint8(xg), out / "guided.png", nrow=10)
+        guided = {"guidance": GUIDANCE, "guided_accuracy": evaluate_images(
+            xg, data, labels=y, floor_repeats=1)["accuracy"]}
     result = {
         "fd": metrics["fd"], "fd_floor": metrics["fd_floor"], "fd_ratio": metrics["fd_ratio"],
         "fd_floor_std": metrics.get("fd_floor_std"), "n": metrics["n"],
@@ -61,11 +74,16 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True,
         "class_hist": metrics.get("class_hist"), "steps": summary["steps"],
         "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1),
         "sampler": cfg["sample"]["sampler"], "sampler_steps": cfg["sample"]["steps"],
+        "accuracy": metrics.get("accuracy"), **guided,
     }
     write_json_atomic(out / "metrics.json", result)
     print(f"Frechet distance (classifier features, {result['n']} samples): "
           f"{result['fd']:.2f}   real-vs-real floor: {result['fd_floor']:.2f}   "
           f"ratio: {result['fd_ratio']:.2f}")
+    if guided:
+        print(f"class accuracy of samples: {result['accuracy']:.3f} unguided, "
+              f"{guided['guided_accuracy']:.3f} with guidance {GUIDANCE:g} "
+              f"(grid: one row per class, {out / 'guided.png'})")
     print(f"wrote {out / 'samples.png'}, {out / 'loss.png'}, {out / 'metrics.json'} "
           f"({result['total_seconds']:.0f} s in all)")
     return json.loads(json.dumps(result, default=float))

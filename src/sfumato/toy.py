@@ -32,12 +32,18 @@ class GaussianMixture:
             variances. Must be positive definite (a sample's log-density at sigma = 0 needs it).
         weights: (K,) nonnegative, normalised internally; uniform if omitted.
         event_shape: shape of one sample (default (D,)); e.g. (1, 4, 4) to look like images.
+        classes: (K,) integer class of each component (optional). Then the mixture is also an
+            exact class-conditional model: ``p(x | y)`` is the sub-mixture of class y, and
+            :meth:`class_log_posterior` is the exact noisy classifier ``log p(y | x, sigma)``.
 
-    Callable as a denoiser: ``gm(x, sigma) -> x0_hat`` with x of shape (B, *event_shape).
+    Callable as a denoiser: ``gm(x, sigma, class_labels=None) -> x0_hat`` with x of shape
+    (B, *event_shape); ``class_labels`` (B,) selects ``E[x0 | x, y]``, and the label
+    ``num_classes`` (the null class of classifier-free guidance) or None the unconditional one.
     """
 
     def __init__(self, means: torch.Tensor, covs: torch.Tensor, weights: torch.Tensor | None = None,
-                 event_shape: tuple[int, ...] | None = None) -> None:
+                 event_shape: tuple[int, ...] | None = None,
+                 classes: torch.Tensor | None = None) -> None:
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
             raise ValueError(f"means must have shape (K, D); got {tuple(means.shape)}")
@@ -66,6 +72,10 @@ class GaussianMixture:
         if math.prod(self.event_shape) != D:
             raise ValueError(f"event_shape {self.event_shape} does not hold D={D} values")
         self.K, self.D = K, D
+        self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
+        if self.classes is not None and (self.classes.shape != (K,) or (self.classes < 0).any()):
+            raise ValueError(f"classes must be (K,) = ({K},) nonnegative integers")
+        self.num_classes = None if self.classes is None else int(self.classes.max()) + 1
 
     # -- helpers ---------------------------------------------------------------------------
     def _to(self, x: torch.Tensor):
@@ -103,10 +113,36 @@ class GaussianMixture:
         *_, log_w, logn = self._parts(x, sigma)
         return torch.softmax(log_w + logn, dim=1)
 
-    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """Exact posterior mean E[x0 | x] at noise level sigma, same shape as x."""
+    def _class_mask(self, class_labels: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """(B, K) additive log-mask keeping the components of each sample's class (0 / -inf);
+        zeros for the null label ``num_classes`` or None."""
+        if class_labels is None:
+            return torch.zeros_like(like)
+        if self.classes is None:
+            raise ValueError("this mixture has no classes; build it with classes=... to "
+                             "condition on class_labels")
+        y = torch.as_tensor(class_labels, device=like.device).long().reshape(-1, 1)
+        keep = (self.classes.to(like.device)[None] == y) | (y == self.num_classes)
+        return torch.zeros_like(like).masked_fill(~keep, float("-inf"))
+
+    def class_log_posterior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+        """Exact noisy classifier log p(y | x, sigma), shape (B, num_classes)."""
+        if self.classes is None:
+            raise ValueError("this mixture has no classes; build it with classes=...")
+        *_, log_w, logn = self._parts(x, sigma)
+        joint = log_w + logn  # (B, K)
+        onehot = torch.nn.functional.one_hot(self.classes, self.num_classes).to(joint.device)
+        per_class = torch.logsumexp(joint[:, :, None] + torch.where(
+            onehot.bool(), 0.0, float("-inf")).to(joint)[None], dim=1)  # (B, C)
+        return per_class - torch.logsumexp(joint, dim=1, keepdim=True)
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor | float,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Exact posterior mean E[x0 | x] (or E[x0 | x, y] given ``class_labels`` (B,)) at
+        noise level sigma, same shape as x."""
         xf, proj, var, lam, U, log_w, logn = self._parts(x, sigma)
-        r = torch.softmax(log_w + logn, dim=1)  # (B, K)
+        joint = log_w + logn
+        r = torch.softmax(joint + self._class_mask(class_labels, joint), dim=1)  # (B, K)
         shrunk = proj * (lam[None] / var)  # C (C + s^2)^-1 (x - mu) in eigen-coords
         back = shrunk if U is None else torch.einsum("bke,kde->bkd", shrunk, U)
         mu = self.means.to(xf)
@@ -123,10 +159,16 @@ class GaussianMixture:
 
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                sigma: float = 0.0, dtype: torch.dtype = torch.float64,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-        """n samples of p_sigma, shape (n, *event_shape)."""
-        probs = self.log_w.exp()
-        k = torch.multinomial(probs, n, replacement=True, generator=generator)
+               device: torch.device | str = "cpu",
+               class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """n samples of p_sigma (of p_sigma(. | y) given ``class_labels`` (n,)), shape
+        (n, *event_shape)."""
+        if class_labels is None:
+            k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        else:
+            logits = self.log_w[None].expand(n, -1)
+            probs = (logits + self._class_mask(class_labels, logits)).softmax(1)
+            k = torch.multinomial(probs, 1, generator=generator)[:, 0]
         z = torch.randn(n, self.D, generator=generator, dtype=torch.float64)
         z = z * (self.lam[k] + sigma**2).sqrt()
         if self.U is not None:
@@ -153,9 +195,11 @@ class GaussianMixture:
 def random_mixture(dim: int = 2, k: int = 4, *, scale: float = 2.0, min_std: float = 0.1,
                    max_std: float = 0.6, full_cov: bool = True,
                    generator: torch.Generator | None = None,
-                   event_shape: tuple[int, ...] | None = None) -> GaussianMixture:
+                   event_shape: tuple[int, ...] | None = None,
+                   num_classes: int | None = None) -> GaussianMixture:
     """A random mixture for tests: means ~ N(0, scale^2), random full covariances with
-    standard deviations along random axes in [min_std, max_std], random weights."""
+    standard deviations along random axes in [min_std, max_std], random weights; with
+    ``num_classes`` the components are assigned to classes round-robin (k % num_classes)."""
     g = generator
     means = torch.randn(k, dim, generator=g, dtype=torch.float64) * scale
     stds = min_std + (max_std - min_std) * torch.rand(k, dim, generator=g, dtype=torch.float64)
@@ -165,4 +209,5 @@ def random_mixture(dim: int = 2, k: int = 4, *, scale: float = 2.0, min_std: flo
     else:
         covs = stds**2
     w = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
-    return GaussianMixture(means, covs, w, event_shape=event_shape)
+    classes = None if num_classes is None else torch.arange(k) % num_classes
+    return GaussianMixture(means, covs, w, event_shape=event_shape, classes=classes)

@@ -6,12 +6,22 @@ context=None) -> y`` (y has x_in's shape), to be wrapped by :class:`sfumato.deno
 - :class:`DiT` (``"dit"``): Diffusion Transformer with adaLN-Zero.
 - :class:`DiffusersUNet` (``"diffusers_unet"``): diffusers' UNet2DModel behind the same
   signature (optional dependency).
+- :class:`ControlledUNet` (``"controlnet"``): a frozen base U-Net steered by a trainable
+  ControlNet from a spatial hint (``hint`` conditioning kwarg).
+- :class:`EncoderClassifier` (``"classifier"``): a noise-conditional classifier
+  ``net(x_in, c_noise) -> logits`` for classifier guidance (objective target "classifier").
+- :class:`TextConditioned` (``"text_conditioned"``): a UNet/DiT with context_dim plus its own
+  trainable :class:`~sfumato.text.TinyTextEncoder`, taking ``text_ids``/``text_mask``.
 
 ``build_net({"type": "unet", "image_size": 8, "in_channels": 1, ...})`` builds one from a
 config dict (as stored in a JSON checkpoint config); :func:`count_params` counts parameters.
 Conditioning common to all: ``class_labels`` (B,) with index ``num_classes`` the null class,
-``extra_embedding`` (B, emb_dim) added to the conditioning vector, ``context`` reserved for
-cross-attention (refused until a network supports it).
+``extra_embedding`` (B, emb_dim) added to the conditioning vector. Text: UNet and DiT built
+with ``context_dim`` take ``context`` (B, L, context_dim) token states and ``context_mask``
+(B, L) bool (True = real token) through cross-attention and a pooled embedding, and read
+``context=None`` (or an all-False mask row) as the learned null text, for classifier-free
+guidance (see :mod:`sfumato.nets.context`). Networks built without ``context_dim``, the MLP and
+DiffusersUNet refuse ``context`` with a ValueError rather than ignoring it.
 """
 
 from __future__ import annotations
@@ -23,10 +33,13 @@ from typing import Any
 from torch import nn
 
 from ._common import check_kwargs
+from .classifier import EncoderClassifier
+from .controlnet import ControlledUNet, ControlNet
 from .diffusers_adapter import DiffusersUNet
 from .dit import DiT
 from .embedding import ConditionEmbedding, FourierEmbedding, NoiseEmbedding, PositionalEmbedding
 from .mlp import MLP
+from .text import TextConditioned
 from .unet import UNet
 
 __all__ = [
@@ -37,6 +50,10 @@ __all__ = [
     "UNet",
     "DiT",
     "DiffusersUNet",
+    "EncoderClassifier",
+    "ControlNet",
+    "ControlledUNet",
+    "TextConditioned",
     "ConditionEmbedding",
     "NoiseEmbedding",
     "PositionalEmbedding",
@@ -48,6 +65,8 @@ NETS: dict[str, type[nn.Module]] = {
     "unet": UNet,
     "dit": DiT,
     "diffusers_unet": DiffusersUNet,
+    "classifier": EncoderClassifier,
+    "text_conditioned": TextConditioned,
 }
 
 
@@ -61,14 +80,32 @@ def build_net(cfg: Mapping[str, Any]) -> nn.Module:
         raise ValueError(f"net config needs a 'type', one of {sorted(NETS)}; got keys "
                          f"{sorted(cfg)}")
     kind = cfg["type"]
-    if kind not in NETS:
+    if kind not in NETS and kind != "controlnet":
         close = difflib.get_close_matches(str(kind), list(NETS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"unknown net type {kind!r}{hint}; choose one of {sorted(NETS)}")
-    cls = NETS[kind]
     kwargs = {k: v for k, v in cfg.items() if k != "type"}
+    if kind == "controlnet":
+        return _build_controlled(kwargs)
+    cls = NETS[kind]
     check_kwargs(f"{kind!r} net config", cls.__init__, kwargs)
     return cls(**kwargs)
+
+
+def _build_controlled(kwargs: dict[str, Any]) -> nn.Module:
+    """``{"type": "controlnet", "base": {base U-Net config}, "hint": name, "hint_channels",
+    "hint_embed_channels"}`` -> a :class:`ControlledUNet` (``hint`` names the hint the data
+    pipeline makes; the network ignores it)."""
+    kw = dict(kwargs)
+    base_cfg = kw.pop("base", None)
+    kw.pop("hint", None)
+    kw.pop("num_classes", None)  # the base's, already in its config
+    if not isinstance(base_cfg, Mapping):
+        raise ValueError("a 'controlnet' net config needs 'base': the base U-Net's config (the "
+                         "trainer fills it in from the base run directory named there)")
+    check_kwargs("'controlnet' net config", ControlNet.__init__, kw,
+                 skip=("self", "base"))
+    return ControlledUNet(build_net(base_cfg), **kw)
 
 
 def count_params(net: nn.Module, trainable_only: bool = False) -> int:

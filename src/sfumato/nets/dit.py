@@ -9,6 +9,12 @@ Each block is ``x + gate * Attn(LN(x) (1 + scale) + shift)`` then the same with 
 six (shift, scale, gate) vectors come from a linear map of the conditioning embedding that
 starts at zero (adaLN-Zero), so every block starts as the identity. The final linear layer
 also starts at zero, so a fresh DiT is the zero function.
+
+With ``context_dim`` set the DiT takes text (``context`` (B, L, context_dim), ``context_mask``
+(B, L)): each block gets a cross-attention sublayer between self-attention and MLP,
+``x + CrossAttn(LN(x), context)`` with a zero-initialised output projection (PixArt-α, Chen
+et al. 2023), and the mean text token is added to the conditioning embedding (see
+:mod:`sfumato.nets.context`: learned null token for ``context=None``, masks).
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import no_context, zero_
+from ._common import zero_
+from .context import Context, ContextEmbedding, CrossAttention, prepare_context
 from .embedding import ConditionEmbedding
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
@@ -70,11 +77,13 @@ class Attention(nn.Module):
 class DiTBlock(nn.Module):
     """adaLN-Zero Transformer block: tokens (B, N, D), conditioning c (B, D) -> (B, N, D).
 
-    ``context`` is accepted and ignored (cross-attention goes here).
+    With ``context_dim`` a cross-attention sublayer (not modulated, zero-initialised output)
+    sits between self-attention and MLP and ``context`` (a prepared
+    :class:`~sfumato.nets.context.Context`) is required; without it ``context`` is ignored.
     """
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, context_dim: int | None = None) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(dim, num_heads)
@@ -84,11 +93,17 @@ class DiTBlock(nn.Module):
                                  nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
                                  nn.Linear(hidden, dim))
         self.ada = zero_(nn.Linear(dim, 6 * dim))
+        self.cross = CrossAttention(dim, context_dim, num_heads) if context_dim else None
 
     def forward(self, x: torch.Tensor, c: torch.Tensor,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: Context | None = None) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=1)
         x = x + g1[:, None] * self.attn(_modulate(self.norm1(x), sh1, sc1))
+        if self.cross is not None:
+            if not isinstance(context, Context):
+                raise ValueError("this DiT block has cross-attention: pass the prepared "
+                                 "Context (see sfumato.nets.context)")
+            x = x + self.cross(x, context)
         return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), sh2, sc2))
 
 
@@ -111,9 +126,14 @@ class DiT(nn.Module):
         fourier_scale, max_period: parameters of the noise features.
         num_classes: class-conditional when set; label ``num_classes`` (or None) is the null
             class.
+        context_dim: width of text token states; when set, cross-attention in every block and
+            pooled text in the conditioning (see the module docstring). None refuses
+            ``context``.
 
     Shapes: x (B, in_channels, H, W), c_noise scalar or (B,), class_labels (B,) long,
-    extra_embedding (B, hidden_size); returns (B, out_channels, H, W).
+    extra_embedding (B, hidden_size), context (B or 1, L, context_dim) and context_mask
+    (B or 1, L) bool (True = token; None = all; ``context=None`` = the learned null text);
+    returns (B, out_channels, H, W).
     """
 
     def __init__(self, image_size: int, in_channels: int, out_channels: int | None = None,
@@ -121,7 +141,7 @@ class DiT(nn.Module):
                  num_heads: int = 4, mlp_ratio: float = 4.0, dropout: float = 0.0,
                  embedding: str = "positional", freq_dim: int = 256,
                  fourier_scale: float = 16.0, max_period: float = 10000.0,
-                 num_classes: int | None = None) -> None:
+                 num_classes: int | None = None, context_dim: int | None = None) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} not divisible by patch_size {patch_size}")
@@ -138,8 +158,11 @@ class DiT(nn.Module):
                              persistent=False)
         self.cond = ConditionEmbedding(freq_dim, hidden_size, embedding, num_classes,
                                        max_period, fourier_scale)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout)
-                                    for _ in range(depth))
+        self.context_dim = context_dim
+        self.context_embed = (ContextEmbedding(context_dim, hidden_size) if context_dim
+                              else None)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout,
+                                             context_dim) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(hidden_size, 2 * hidden_size)
         self.out = nn.Linear(hidden_size, patch_size * patch_size * self.out_channels)
@@ -147,7 +170,8 @@ class DiT(nn.Module):
 
     def _init_weights(self) -> None:
         """DiT's initialisation: Xavier-uniform linears (and patch conv, as a linear), N(0,
-        0.02) noise MLP and class table, zero adaLN modulations and output layer."""
+        0.02) noise MLP and class table, zero adaLN modulations, output layer and the
+        text paths' output projections."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -161,6 +185,10 @@ class DiT(nn.Module):
             nn.init.normal_(self.cond.label.weight, std=0.02)
         for blk in self.blocks:
             zero_(blk.ada)
+            if blk.cross is not None:
+                zero_(blk.cross.proj)
+        if self.context_embed is not None:
+            zero_(self.context_embed.pool)
         zero_(self.ada_out)
         zero_(self.out)
 
@@ -174,7 +202,8 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor | float,
                 class_labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                extra_embedding: torch.Tensor | None = None) -> torch.Tensor:
+                extra_embedding: torch.Tensor | None = None, *,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT expects x of shape (B, {self.in_channels}, H, W); "
                              f"got {tuple(x.shape)}")
@@ -182,8 +211,8 @@ class DiT(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} not divisible by patch_size {p}")
-        no_context("DiT", context)
         c = self.cond(c_noise, B, x.device, class_labels, extra_embedding)
+        c, context = prepare_context(self.context_embed, "DiT", c, context, context_mask)
         h, w = H // p, W // p
         t = self.patch(x).flatten(2).transpose(1, 2)  # (B, N, D)
         t = t + self._pos(h, w, t)[None]

@@ -22,8 +22,13 @@ last conv of every residual branch, the output projection of every attention blo
 ``conv_out`` start at zero, so a fresh network is the zero function and every residual block
 starts as the identity.
 
-Every block has the signature ``block(h, emb, context=None)``; ``context`` (a future
-cross-attention input, e.g. text tokens) is accepted and ignored for now.
+Every block has the signature ``block(h, emb, context=None)``. With ``context_dim`` set the
+network takes text (``context`` (B, L, context_dim), ``context_mask`` (B, L)): every attention
+block (at ``attention_resolutions`` and in the middle) follows its self-attention with
+cross-attention to the text tokens, as the transformer blocks of Stable Diffusion (Rombach et
+al. 2022, LDM §3.3) and Imagen's U-Net (Saharia et al. 2022), and the mean text token is added
+to the conditioning embedding; the blocks then receive the prepared
+:class:`~sfumato.nets.context.Context` (see that module: learned null token, masks).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import no_context, zero_
+from ._common import zero_
+from .context import Context, ContextEmbedding, CrossAttention, prepare_context
 from .embedding import ConditionEmbedding
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
@@ -85,12 +91,14 @@ class AttentionBlock(nn.Module):
     """Multi-head self-attention over the H*W positions, residual: (B, C, H, W) -> same.
 
     GroupNorm, a linear qkv projection of each position, ``F.scaled_dot_product_attention``,
-    a zero-initialised linear output projection. ``context`` is accepted and ignored
-    (cross-attention goes here).
+    a zero-initialised linear output projection. With ``context_dim`` a
+    :class:`~sfumato.nets.context.CrossAttention` from the positions to the prepared
+    ``context`` (a :class:`~sfumato.nets.context.Context`, required then) follows, also
+    residual and zero-initialised; without it ``context`` is ignored.
     """
 
     def __init__(self, channels: int, num_heads: int, norm_groups: int = 32,
-                 eps: float = 1e-5) -> None:
+                 eps: float = 1e-5, context_dim: int | None = None) -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"attention channels {channels} not divisible by "
@@ -99,15 +107,23 @@ class AttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = zero_(nn.Linear(channels, channels))
+        self.cross = (CrossAttention(channels, context_dim, num_heads) if context_dim
+                      else None)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                context: Context | None = None) -> torch.Tensor:
         B, C, H, W = x.shape
         L, nh = H * W, self.num_heads
         tokens = self.norm(x).permute(0, 2, 3, 1).reshape(B, L, C)
         q, k, v = self.qkv(tokens).reshape(B, L, 3, nh, C // nh).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, C/nh)
         a = self.proj(a.transpose(1, 2).reshape(B, L, C))
+        if self.cross is not None:
+            if not isinstance(context, Context):
+                raise ValueError("this attention block has cross-attention: pass the "
+                                 "prepared Context (see sfumato.nets.context)")
+            t = x.permute(0, 2, 3, 1).reshape(B, L, C) + a
+            a = a + self.cross(t, context)
         return x + a.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
@@ -166,9 +182,14 @@ class UNet(nn.Module):
         num_classes: class-conditional when set; label ``num_classes`` is the null class and
             ``class_labels=None`` means null (see :class:`~.embedding.ConditionEmbedding`).
         patch_size: fold p x p patches into channels before the first conv (see above).
+        context_dim: width of text token states; when set, cross-attention in every attention
+            block and pooled text in the conditioning embedding (see the module docstring);
+            needs at least one attention block. None refuses ``context``.
 
     Shapes: x (B, in_channels, H, W), c_noise scalar or (B,), class_labels (B,) long,
-    extra_embedding (B, emb_dim) added to the conditioning vector; returns
+    extra_embedding (B, emb_dim) added to the conditioning vector, context
+    (B or 1, L, context_dim) and context_mask (B or 1, L) bool (True = token; None = all;
+    ``context=None`` = the learned null text); returns
     (B, out_channels, H, W).
     """
 
@@ -193,6 +214,7 @@ class UNet(nn.Module):
         max_period: float = 10000.0,
         num_classes: int | None = None,
         patch_size: int = 1,
+        context_dim: int | None = None,
     ) -> None:
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -229,6 +251,12 @@ class UNet(nn.Module):
         self.emb_dim = emb_dim or 4 * model_channels
         self.cond = ConditionEmbedding(model_channels, self.emb_dim, embedding, num_classes,
                                        max_period, fourier_scale)
+        self.context_dim = context_dim
+        if context_dim and not (attn_levels or mid_attention):
+            raise ValueError("context_dim needs attention blocks for cross-attention: set "
+                             "attention_resolutions or mid_attention=True")
+        self.context_embed = (ContextEmbedding(context_dim, self.emb_dim) if context_dim
+                              else None)
 
         def heads(c: int) -> int:
             if num_head_channels is None:
@@ -241,7 +269,7 @@ class UNet(nn.Module):
             return ResBlock(cin, cout, self.emb_dim, dropout, norm_groups, scale_shift_norm)
 
         def attn(c: int) -> AttentionBlock:
-            return AttentionBlock(c, heads(c), norm_groups)
+            return AttentionBlock(c, heads(c), norm_groups, context_dim=context_dim)
 
         p2 = patch_size * patch_size
         self.conv_in = nn.Conv2d(in_channels * p2, model_channels, 3, padding=1)
@@ -273,29 +301,90 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor | float,
                 class_labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
-                extra_embedding: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"UNet expects x of shape (B, {self.in_channels}, H, W); "
-                             f"got {tuple(x.shape)}")
-        H, W = x.shape[-2:]
-        if H % self.factor or W % self.factor:
-            raise ValueError(f"input size {H}x{W} is not divisible by {self.factor} "
-                             "(= patch_size * 2**(levels-1)); pad the input or use fewer levels")
-        no_context("UNet", context)
-        emb = self.cond(c_noise, x.shape[0], x.device, class_labels, extra_embedding)
-        if self.patch_size > 1:
-            x = F.pixel_unshuffle(x, self.patch_size)
-        h = self.conv_in(x)
-        hs = [h]
-        for stage in self.down:
-            for block in stage:
-                h = block(h, emb, context)
-            hs.append(h)
-        for block in self.mid:
-            h = block(h, emb, context)
+                extra_embedding: torch.Tensor | None = None, *,
+                context_mask: torch.Tensor | None = None,
+                down_residuals: Sequence[torch.Tensor] | None = None,
+                mid_residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_channels, H, W) -> (B, out_channels, H, W).
+
+        ``down_residuals`` (one tensor per skip feature of :meth:`encode`, same shapes) are
+        added to the skip features before the decoder reads them, ``mid_residual`` to the
+        middle block's output: the hooks through which a ControlNet steers a frozen U-Net
+        (:mod:`sfumato.nets.controlnet`, Zhang et al. 2023, eq. 2).
+        """
+        emb = self.cond(c_noise, len(x), x.device, class_labels, extra_embedding)
+        emb, context = prepare_context(self.context_embed, "UNet", emb, context, context_mask)
+        hs, h = self.encode(x, emb, context)
+        hs, h = add_residuals(hs, h, down_residuals, mid_residual)
         for stage in self.up:
             h = torch.cat([h, hs.pop()], dim=1)
             for block in stage:
                 h = block(h, emb, context)
         y = self.conv_out(F.silu(self.norm_out(h)))
         return F.pixel_shuffle(y, self.patch_size) if self.patch_size > 1 else y
+
+    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: Context | None = None,
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The encoder half: x (B, in_channels, H, W), emb (B, emb_dim) and the prepared
+        context (``prepare_context``, as in :meth:`forward`) -> (hs, h_mid), the skip features
+        and the middle block's output.
+
+        ``hs`` holds ``len(self.down) + 1`` tensors: the ``conv_in`` output
+        (B, model_channels, H/p, W/p), then the output of every encoder stage; ``h_mid`` is
+        (B, C_last, H/factor, W/factor). See :func:`encoder_features`.
+        """
+        h = self.conv_in(fold_input(x, self.in_channels, self.patch_size, self.factor))
+        return encoder_features(self.down, self.mid, h, emb, context)
+
+
+def fold_input(x: torch.Tensor, in_channels: int, patch_size: int, factor: int) -> torch.Tensor:
+    """Check a U-Net input x (B, in_channels, H, W) (H and W divisible by ``factor =
+    patch_size * 2**(levels-1)``) and fold it into patches: (B, in_channels p^2, H/p, W/p)."""
+    if x.ndim != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"UNet expects x of shape (B, {in_channels}, H, W); "
+                         f"got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H % factor or W % factor:
+        raise ValueError(f"input size {H}x{W} is not divisible by {factor} "
+                         "(= patch_size * 2**(levels-1)); pad the input or use fewer levels")
+    return F.pixel_unshuffle(x, patch_size) if patch_size > 1 else x
+
+
+def encoder_features(down: nn.ModuleList, mid: nn.ModuleList, h: torch.Tensor,
+                     emb: torch.Tensor, context: Context | None = None,
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Run U-Net encoder stages ``down`` then middle blocks ``mid`` from the ``conv_in``
+    features h (B, C, h, w): returns the skip list ``[h, stage_1(h), ...]`` (``len(down) + 1``
+    tensors) and the middle output. Shared by :meth:`UNet.encode` and the trainable encoder
+    copy of :class:`~sfumato.nets.controlnet.ControlNet`."""
+    hs = [h]
+    for stage in down:
+        for block in stage:
+            h = block(h, emb, context)
+        hs.append(h)
+    for block in mid:
+        h = block(h, emb, context)
+    return hs, h
+
+
+def add_residuals(hs: list[torch.Tensor], h_mid: torch.Tensor,
+                  down_residuals: Sequence[torch.Tensor] | None = None,
+                  mid_residual: torch.Tensor | None = None,
+                  ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``(hs + down_residuals, h_mid + mid_residual)`` elementwise, each residual optional;
+    ValueError naming the first residual whose count or shape does not match."""
+    if down_residuals is not None:
+        if len(down_residuals) != len(hs):
+            raise ValueError(f"down_residuals must hold one tensor per skip feature: "
+                             f"{len(hs)} for this UNet; got {len(down_residuals)}")
+        for i, (h, r) in enumerate(zip(hs, down_residuals, strict=True)):
+            if r.shape != h.shape:
+                raise ValueError(f"down_residuals[{i}] has shape {tuple(r.shape)}; the skip "
+                                 f"feature it is added to has shape {tuple(h.shape)}")
+        hs = [h + r for h, r in zip(hs, down_residuals, strict=True)]
+    if mid_residual is not None:
+        if mid_residual.shape != h_mid.shape:
+            raise ValueError(f"mid_residual has shape {tuple(mid_residual.shape)}; the middle "
+                             f"block's output has shape {tuple(h_mid.shape)}")
+        h_mid = h_mid + mid_residual
+    return hs, h_mid

@@ -108,3 +108,26 @@ class Objective:
         D = denoiser(x0 + s * noise, sigma, **cond)
         err = (D.float() - x0.float()) ** 2
         return self.weight(sigma.float(), denoiser) * err.reshape(B, -1).mean(1)
+
+
+@dataclass
+class ClassifierObjective(Objective):
+    """Cross-entropy of a noise-conditional classifier on noisy data (``target="classifier"``):
+    ``L = -log p(y | x0 + sigma eps, sigma)`` with sigma drawn as for the diffusion model
+    (Dhariwal & Nichol 2021, §4: the classifier is trained on the same noise distribution it
+    will guide at). ``denoiser`` is a :class:`sfumato.guidance.NoisyClassifier`."""
+
+    def loss(self, denoiser, x0: torch.Tensor, *, generator: torch.Generator,
+             sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+             class_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
+        if class_labels is None:
+            raise ValueError("a classifier objective needs labelled data (class_labels)")
+        B = x0.shape[0]
+        if sigma is None:
+            sigma = self.sample_sigma(B, denoiser, generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=generator.device,
+                                dtype=x0.dtype).to(x0.device)
+        logits = denoiser(x0 + as_sigma(sigma, x0) * noise, sigma, **cond)
+        return torch.nn.functional.cross_entropy(logits.float(), class_labels.long(),
+                                                 reduction="none")

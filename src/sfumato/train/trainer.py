@@ -37,7 +37,7 @@ from .checkpoint import (
 )
 from .config import load_config
 from .ema import build_ema
-from .objective import Objective
+from .objective import ClassifierObjective, Objective
 
 OBJECTIVE_KEYS = ("sigma_sampling", "weighting", "P_mean", "P_std", "logit_mean", "logit_std",
                   "sigma_data", "gamma", "sigma_min", "sigma_max")
@@ -48,7 +48,12 @@ class TrainingError(RuntimeError):
 
 
 def build_denoiser(net: nn.Module, obj_cfg: dict) -> Denoiser:
-    """Wrap a raw network with the preconditioning the objective config names."""
+    """Wrap a raw network with the preconditioning the objective config names (a
+    :class:`~sfumato.guidance.NoisyClassifier` for ``target="classifier"``)."""
+    if obj_cfg["target"] == "classifier":
+        from ..guidance import NoisyClassifier
+
+        return NoisyClassifier(net, obj_cfg["sigma_data"])
     proc_cfg = obj_cfg.get("process")
     process = None
     if proc_cfg:
@@ -59,7 +64,8 @@ def build_denoiser(net: nn.Module, obj_cfg: dict) -> Denoiser:
 
 
 def build_objective(obj_cfg: dict) -> Objective:
-    return Objective(**{k: obj_cfg[k] for k in OBJECTIVE_KEYS})
+    cls = ClassifierObjective if obj_cfg["target"] == "classifier" else Objective
+    return cls(**{k: obj_cfg[k] for k in OBJECTIVE_KEYS})
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -132,18 +138,35 @@ class Trainer:
         self.y_train = getattr(self.data, "labels", None)
         model_cfg = dict(self.cfg["model"])
         nc = getattr(self.data, "num_classes", None)
-        if model_cfg.pop("conditional", False) and nc:
+        self.is_classifier = self.cfg["objective"]["target"] == "classifier"
+        if self.is_classifier:
+            if not nc or self.y_train is None:
+                raise ValueError("objective.target='classifier' needs a labelled data set "
+                                 f"({self.cfg['data']} has no labels)")
+            if self.cfg["objective"]["label_dropout"]:
+                raise ValueError("objective.label_dropout must be 0 for a classifier")
+            if model_cfg["type"] != "classifier":
+                raise ValueError("objective.target='classifier' needs model.type='classifier' "
+                                 f"(got {model_cfg['type']!r})")
+        if (model_cfg.pop("conditional", False) or self.is_classifier) and nc:
             model_cfg["num_classes"] = nc
+        base_weights = self._resolve_control_base(model_cfg)
+        self.hint = model_cfg.get("hint") if model_cfg["type"] == "controlnet" else None
+        if self.hint:
+            self.batch_cond(self.x_train[:1], None)  # an unknown hint name fails here
         self.num_classes = model_cfg.get("num_classes")
         self.net = build_net(model_cfg).to(self.device)
+        if base_weights is not None:
+            self.net.base.load_state_dict(base_weights)
         self.denoiser = build_denoiser(self.net, self.cfg["objective"])
         self.objective = build_objective(self.cfg["objective"])
         self.ema = build_ema(self.net, tc["ema"]).to(self.device)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc["lr"], betas=tuple(tc["betas"]),
+        self.opt = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad],
+                                     lr=tc["lr"], betas=tuple(tc["betas"]),
                                      weight_decay=tc["weight_decay"])
         self.g_data = torch.Generator().manual_seed(tc["seed"])
         self.g_noise = torch.Generator().manual_seed(tc["seed"] + 1)
-        self.step, self.bad_steps, self.losses = 0, 0, []
+        self.step, self.bad_steps, self.losses, self.cpu_seconds = 0, 0, [], 0.0
         self.ddp = None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -153,6 +176,45 @@ class Trainer:
             build_denoiser(self.ddp, self.cfg["objective"])
         self.progress = progress and self.rank == 0
         self._resume()
+
+    def _resolve_control_base(self, model_cfg: dict) -> dict | None:
+        """For ``model.type = "controlnet"`` with ``base`` naming a run directory: read that
+        run, put its network config into ``model.base`` (the checkpoint then rebuilds without
+        it) and its objective into ``objective`` (the ControlNet learns the base's own loss),
+        and return its EMA weights. None otherwise."""
+        if model_cfg["type"] != "controlnet" or not isinstance(model_cfg.get("base"), str):
+            return None
+        base_dir = Path(model_cfg["base"])
+        tensors, state, base_cfg = load_checkpoint(base_dir, stems=("ema",))
+        base_model = dict(base_cfg["model"])
+        base_model.pop("conditional", None)
+        if state.get("num_classes"):
+            base_model["num_classes"] = state["num_classes"]
+        if base_model.get("type") != "unet":
+            raise ValueError(f"a ControlNet needs a U-Net base; {base_dir} holds a "
+                             f"{base_model.get('type')!r} network")
+        if list(state.get("data_shape", [])) != list(self.x_train.shape[1:]):
+            raise ValueError(f"the base run {base_dir} was trained on data of shape "
+                             f"{state.get('data_shape')}, this data set is "
+                             f"{list(self.x_train.shape[1:])}")
+        model_cfg["base"] = base_model
+        self.cfg["model"] = {**self.cfg["model"], "base": base_model}
+        self.cfg["objective"] = {**base_cfg["objective"],
+                                 "label_dropout": self.cfg["objective"]["label_dropout"]}
+        model_cfg.setdefault("hint", "edges")
+        if base_model.get("num_classes"):
+            model_cfg["num_classes"] = base_model["num_classes"]
+        return tensors["ema"]
+
+    def batch_cond(self, x0: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Conditioning kwargs of a batch: class labels (already dropped to the null class
+        where drawn) and, for a ControlNet, the hint made from the clean images."""
+        from ..control import make_hint
+
+        cond = {"class_labels": y} if y is not None else {}
+        if self.hint:
+            cond["hint"] = make_hint(self.hint, x0)
+        return cond
 
     # -- precision -------------------------------------------------------------------------
     def _autocast(self):
@@ -186,6 +248,7 @@ class Trainer:
                             else rng["torch_rank0"])
         self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         self.losses = [tuple(v) for v in state.get("losses", [])]
+        self.cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0). Refuses non-finite weights."""
@@ -203,7 +266,7 @@ class Trainer:
                                  ("lr", "warmup_steps", "schedule", "min_lr_ratio", "steps")},
                  "losses": self.losses, "world_size": self.world,
                  "num_classes": self.num_classes, "data_shape": list(self.x_train.shape[1:]),
-                 "time": time.time()}
+                 "train_cpu_seconds": self.cpu_seconds, "time": time.time()}
         return save_checkpoint(self.out, tensors={
             "model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
             "optimizer": opt_t, "rng": rng}, state=state, config=self.cfg,
@@ -239,7 +302,7 @@ class Trainer:
         for k in range(acc):
             ms = slice(k * mb, (k + 1) * mb)
             xk, yk, sk, nk = [t[ms].to(self.device) if t is not None else None for t in parts]
-            cond = {"class_labels": yk} if yk is not None else {}
+            cond = self.batch_cond(xk, yk)
             sync = nullcontext() if (self.ddp is None or k == acc - 1) else self.ddp.no_sync()
             with sync, self._autocast():
                 loss = self.objective.loss(self.train_denoiser, xk, generator=self.g_noise,
@@ -282,8 +345,9 @@ class Trainer:
                    dynamic_ncols=True)
         ema_loss = None
         while self.step < total:
-            before = self.step
+            before, c0 = self.step, time.process_time()
             loss = self.train_step()
+            self.cpu_seconds += time.process_time() - c0
             if self.step == before:  # skipped (non-finite loss)
                 continue
             ema_loss = loss if ema_loss is None else 0.95 * ema_loss + 0.05 * loss
@@ -301,7 +365,8 @@ class Trainer:
         if self.rank == 0:
             self.write_samples()
             self.write_loss_plot()
-        summary = {"steps": self.step, "loss": ema_loss, "seconds": time.time() - t0}
+        summary = {"steps": self.step, "loss": ema_loss, "seconds": time.time() - t0,
+                   "train_cpu_seconds": self.cpu_seconds}
         if self.rank == 0:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
@@ -313,14 +378,21 @@ class Trainer:
         from ..api import sample_from, to_uint8
         from ..imageio import save_grid
 
-        if self.x_train.ndim != 4:
+        if self.x_train.ndim != 4 or self.is_classifier:
             return None
         sc = self.cfg["sample"]
         ema_den = build_denoiser(self.ema.module, self.cfg["objective"])
         n = sc["n_grid"]
         labels = (torch.arange(n) % self.num_classes) if self.num_classes else None
+        cond = {}
+        if self.hint:  # hints of real images, first rows of the held-out split (or train)
+            real = self.data.heldout if getattr(self.data, "heldout", None) is not None \
+                else self.x_train
+            idx = torch.arange(n) % real.shape[0]
+            cond = self.batch_cond(real[idx], None)
+            cond = {k: v.to(self.device) for k, v in cond.items()}
         x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
-                        class_labels=labels)
+                        class_labels=labels, **cond)
         path = self.out / "samples" / f"step-{self.step:08d}.png"
         save_grid(to_uint8(x.cpu()), path)
         return path

@@ -1,0 +1,137 @@
+"""Sequence (text) conditioning: cross-attention from image tokens to context tokens.
+
+A network built with ``context_dim`` takes ``context`` (B, L, context_dim), e.g. text token
+states, and ``context_mask`` (B, L) bool (True = real token, default all True). Two paths
+carry it, both starting at zero so a fresh network ignores the text, like every other
+residual branch here:
+
+- cross-attention (Rombach et al. 2022, LDM §3.3; Saharia et al. 2022, Imagen; Chen et al.
+  2023, PixArt-α): queries from the (normalised) image tokens, keys and values from the
+  context, ``F.scaled_dot_product_attention`` with the padding mask, a zero-initialised output
+  projection, added to the tokens (:class:`CrossAttention`);
+- pooled text (Imagen's pooled embedding; also SDXL): a linear map of the mean of the real
+  context tokens added to the conditioning embedding, so it reaches every residual block's
+  adaptive norm (:class:`ContextEmbedding`, zero-initialised).
+
+A learned null token (1, 1, context_dim) is always prepended to the keys. It is what the
+network attends to when ``context`` is None (the unconditional text, so classifier-free
+guidance can pass ``context=None`` for its unconditional branch) and it guarantees at least
+one attendable key, so a mask row with no True entry gives finite output; such a row is the
+same as ``context=None`` (the pooled input falls back to the null token too).
+
+Inside a network the blocks receive the prepared :class:`Context` (states with the null token
+in front and the matching mask) in their ``context`` argument.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._common import no_context, zero_
+
+__all__ = ["Context", "ContextEmbedding", "CrossAttention", "prepare_context"]
+
+
+class Context(NamedTuple):
+    """Prepared context for the blocks: states (B, 1 + L, D) with the null token first and
+    mask (B, 1 + L) bool (True = attend; always True at index 0)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention, residual branch only: tokens (B, N, dim) and a
+    :class:`Context` -> (B, N, dim), to be added to the tokens.
+
+    ``LayerNorm(tokens)`` -> q; ``context.states`` -> k, v (linear from ``context_dim``);
+    SDPA with ``context.mask`` as a boolean attn_mask (B, 1, 1, L) broadcast over heads and
+    queries; zero-initialised output projection (so the branch starts at zero).
+    """
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"cross-attention width {dim} not divisible by "
+                             f"num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, 2 * dim)
+        self.proj = zero_(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
+        B, N, D = x.shape
+        nh = self.num_heads
+        q = self.q(self.norm(x)).reshape(B, N, nh, D // nh).transpose(1, 2)
+        s = context.states
+        k, v = self.kv(s).reshape(B, s.shape[1], 2, nh, D // nh).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask[:, None, None, :])
+        return self.proj(a.transpose(1, 2).reshape(B, N, D))
+
+
+class ContextEmbedding(nn.Module):
+    """Prepares ``context`` for the blocks and computes the pooled-text embedding.
+
+    ``forward(context, context_mask, batch) -> (Context, pooled (B, emb_dim))``.
+    ``context`` (B or 1, L, context_dim) or None; ``context_mask`` (B or 1, L) bool or None
+    (all True). The pooled embedding is ``Linear(mean of the real tokens)``, or of the null
+    token when there is none; the linear map starts at zero.
+    """
+
+    def __init__(self, context_dim: int, emb_dim: int) -> None:
+        super().__init__()
+        if context_dim < 1:
+            raise ValueError(f"context_dim must be >= 1 or None, got {context_dim}")
+        self.context_dim = context_dim
+        self.null = nn.Parameter(torch.zeros(1, 1, context_dim))
+        self.pool = zero_(nn.Linear(context_dim, emb_dim))
+
+    def forward(self, context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                batch: int) -> tuple[Context, torch.Tensor]:
+        null = self.null
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("context_mask given without context")
+            states = null.expand(batch, 1, -1)
+            mask = torch.ones(batch, 1, dtype=torch.bool, device=null.device)
+            return Context(states, mask), self.pool(null[:, 0]).expand(batch, -1)
+        if context.ndim != 3 or context.shape[0] not in (1, batch) \
+                or context.shape[2] != self.context_dim:
+            raise ValueError(f"context must have shape (B={batch}, L, {self.context_dim}) "
+                             f"(or batch 1); got {tuple(context.shape)}")
+        L = context.shape[1]
+        context = context.to(null.dtype).expand(batch, -1, -1)
+        if context_mask is None:
+            context_mask = torch.ones(batch, L, dtype=torch.bool, device=context.device)
+        elif context_mask.shape not in ((batch, L), (1, L)):
+            raise ValueError(f"context_mask must have shape (B={batch}, L={L}) matching "
+                             f"context; got {tuple(context_mask.shape)}")
+        m = context_mask.to(torch.bool).expand(batch, -1)
+        w = m[..., None].to(context.dtype)
+        count = w.sum(1)
+        mean = (context * w).sum(1) / count.clamp_min(1)
+        pooled_in = torch.where(count > 0, mean, null[:, 0])
+        states = torch.cat([null.expand(batch, 1, -1), context], dim=1)
+        mask = torch.cat([m.new_ones(batch, 1), m], dim=1)
+        return Context(states, mask), self.pool(pooled_in)
+
+
+def prepare_context(module: ContextEmbedding | None, name: str, emb: torch.Tensor,
+                    context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                    ) -> tuple[torch.Tensor, Context | None]:
+    """The networks' common entry: ``(emb + pooled text, Context)``, or for a network
+    without ``context_dim`` (module None) refuse context/context_mask and return
+    ``(emb, None)``."""
+    if module is None:
+        no_context(name, context)
+        if context_mask is not None:
+            raise ValueError(f"{name} has no cross-attention: `context_mask` is not supported "
+                             "(build it with context_dim to take text)")
+        return emb, None
+    ctx, pooled = module(context, context_mask, emb.shape[0])
+    return emb + pooled.to(emb.dtype), ctx
