@@ -10,6 +10,7 @@ The CLI (``sfumato sample``) is a thin layer over this.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,18 @@ class Model:
         #: the hint a ControlNet run was trained with ("edges", "mask"), else None
         self.hint = config["model"].get("hint") if config["model"]["type"] == "controlnet" \
             else None
+        self._text = None
+
+    @property
+    def text(self):
+        """The run's :class:`~sfumato.text.conditioner.TextConditioner` (encodes prompts), or
+        None for a model without text conditioning."""
+        tcfg = self.config.get("text") or {}
+        if self._text is None and tcfg.get("encoder"):
+            from .text.conditioner import TextConditioner
+
+            self._text = TextConditioner(tcfg)
+        return self._text
 
     def guided(self, guidance: float = 1.0, *, classifier: Model | None = None,
                autoguide: Model | None = None, interval: tuple[float, float] | None = None,
@@ -89,11 +102,13 @@ class Model:
                                   sigma_interval=interval)
         if guidance == 1.0:
             return self.denoiser
-        if not self.num_classes:
+        if not (self.num_classes or self.text):
             raise ValueError("classifier-free guidance needs a conditional model; for an "
                              "unconditional one use classifier guidance or autoguidance")
-        return G.ClassifierFreeGuidance(self.denoiser, guidance,
-                                        uncond={"class_labels": self.num_classes},
+        uncond = {"class_labels": self.num_classes} if self.num_classes else {}
+        if self.text:
+            uncond.update(self.text.null())
+        return G.ClassifierFreeGuidance(self.denoiser, guidance, uncond=uncond,
                                         rescale=rescale, sigma_interval=interval)
 
     @torch.no_grad()
@@ -103,7 +118,8 @@ class Model:
                classifier: Model | None = None, autoguide: Model | None = None,
                guidance_interval: tuple[float, float] | None = None,
                guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
-               control_scale: float = 1.0, **sampler_kwargs) -> torch.Tensor:
+               control_scale: float = 1.0, prompt: str | Sequence[str] | None = None,
+               **sampler_kwargs) -> torch.Tensor:
         """n samples as a float tensor (n, *data_shape) in the data range.
 
         A class-conditional model (or any model guided by a classifier) with
@@ -111,7 +127,8 @@ class Model:
         available as ``self.last_labels``). Guidance arguments: see :meth:`guided`.
         ``hint`` (n or 1, C, H, W) in [-1, 1] steers a ControlNet run (see
         :mod:`sfumato.control` for making one from images); without it a ControlNet run
-        samples its base model.
+        samples its base model. ``prompt`` (one string, or n) conditions a text model; without
+        it a text model samples "the digit k" for k = 0, 1, ... in turn.
         """
         cfg = dict(self.config["sample"])
         cfg.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("grid", grid))
@@ -130,18 +147,42 @@ class Model:
         if class_labels is None and nc:
             class_labels = torch.arange(n) % nc
         self.last_labels = class_labels
-        cond = {}
-        if hint is not None:
-            if not self.hint:
-                raise ValueError("hint= needs a ControlNet run (model.type 'controlnet')")
-            if hint.ndim != 4 or hint.shape[0] not in (1, n) or hint.shape[2:] != self.shape[1:]:
-                raise ValueError(f"hint must have shape (1 or {n}, C, {self.shape[1]}, "
-                                 f"{self.shape[2]}); got {tuple(hint.shape)}")
-            cond = {"hint": hint.to(self.device).expand(n, *hint.shape[1:])}
-            if control_scale != 1.0:
-                cond["control_scale"] = control_scale
+        cond = {**self._hint_cond(n, hint, control_scale), **self._text_cond(n, prompt)}
+        if self.text and not self.num_classes:
+            class_labels = None
         return sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device,
                            class_labels=class_labels, **cond)
+
+    def _hint_cond(self, n: int, hint: torch.Tensor | None, scale: float) -> dict:
+        if hint is None:
+            return {}
+        if not self.hint:
+            raise ValueError("hint= needs a ControlNet run (model.type 'controlnet')")
+        if hint.ndim != 4 or hint.shape[0] not in (1, n) or hint.shape[2:] != self.shape[1:]:
+            raise ValueError(f"hint must have shape (1 or {n}, C, {self.shape[1]}, "
+                             f"{self.shape[2]}); got {tuple(hint.shape)}")
+        cond = {"hint": hint.to(self.device).expand(n, *hint.shape[1:])}
+        return {**cond, "control_scale": scale} if scale != 1.0 else cond
+
+    def _text_cond(self, n: int, prompt: str | Sequence[str] | None) -> dict:
+        """Encoded prompts; the digits they name become ``last_labels`` (unless the model
+        also takes class labels)."""
+        from .text import parse_prompt
+
+        if prompt is not None and not self.text:
+            raise ValueError("prompt= needs a text-conditioned run (config section 'text')")
+        if not self.text:
+            return {}
+        if prompt is None:
+            prompt = [f"the digit {i % 10}" for i in range(n)]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) not in (1, n):
+            raise ValueError(f"give one prompt or n = {n}; got {len(prompts)}")
+        named = [parse_prompt(p)[0] for p in prompts]
+        if self.last_labels is None and None not in named:
+            self.last_labels = torch.tensor(named).expand(n).clone()
+        enc = self.text.prompts(prompts)
+        return {k: v.to(self.device).expand(n, *v.shape[1:]) for k, v in enc.items()}
 
     def to_uint8(self, x: torch.Tensor) -> np.ndarray:
         return to_uint8(x)

@@ -120,6 +120,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             raise UsageError(str(e)) from None
         kw["control_scale"] = args.control_scale
+    if args.prompt is not None:
+        kw["prompt"] = args.prompt
     try:
         x = model.sample(args.n, seed=args.seed, class_labels=args.class_label, **kw)
     except ValueError as e:
@@ -257,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="guide only for LO < sigma <= HI")
     p.add_argument("--guidance-rescale", type=float, default=0.0, metavar="PHI",
                    help="CFG rescale phi in [0, 1] (Lin et al. 2024)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help='text prompt for a text-conditioned run, e.g. "a thick 7"')
     p.add_argument("--control", metavar="HINT.png", default=None,
                    help="spatial hint for a ControlNet run (an edge map or mask image; "
                         "bright = on)")

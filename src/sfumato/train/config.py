@@ -50,6 +50,13 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 10,
         "num_threads": 0,           # torch CPU threads; 0 keeps torch's default
     },
+    "text": {
+        "encoder": None,            # None | "minilm" (frozen, cached) | "tiny" (trainable)
+        "max_length": 32,           # tokens per caption
+        "n_variants": 4,            # captions per training image
+        "drop": 0.1,                # probability of the null text (classifier-free guidance)
+        "keep": 0.7,                # probability of keeping each attribute word
+    },
     "sample": {
         "sampler": "heun",
         "steps": 18,

@@ -153,7 +153,8 @@ class Trainer:
         base_weights = self._resolve_control_base(model_cfg)
         self.hint = model_cfg.get("hint") if model_cfg["type"] == "controlnet" else None
         if self.hint:
-            self.batch_cond(self.x_train[:1], None)  # an unknown hint name fails here
+            self.hint_cond(self.x_train[:1])  # an unknown hint name fails here
+        self._setup_text()
         self.num_classes = model_cfg.get("num_classes")
         self.net = build_net(model_cfg).to(self.device)
         if base_weights is not None:
@@ -206,15 +207,33 @@ class Trainer:
             model_cfg["num_classes"] = base_model["num_classes"]
         return tensors["ema"]
 
-    def batch_cond(self, x0: torch.Tensor, y: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Conditioning kwargs of a batch: class labels (already dropped to the null class
-        where drawn) and, for a ControlNet, the hint made from the clean images."""
+    def _setup_text(self) -> None:
+        """Caption the training images and encode the captions once (``text`` section)."""
+        from ..text.conditioner import TextConditioner
+
+        self.text = None
+        tcfg = self.cfg["text"]
+        if not tcfg["encoder"]:
+            return
+        if self.y_train is None or self.x_train.ndim != 4:
+            raise ValueError("text conditioning captions labelled images; "
+                             f"{self.cfg['data']} has no labels")
+        mtype = self.cfg["model"]["type"]
+        if tcfg["encoder"] == "tiny" and mtype != "text_conditioned":
+            raise ValueError("text.encoder 'tiny' trains its encoder inside the model: use "
+                             "model.type 'text_conditioned' (backbone + encoder)")
+        if tcfg["encoder"] == "minilm" and self.cfg["model"].get("context_dim") != 384:
+            raise ValueError("text.encoder 'minilm' gives 384-d token states: build the "
+                             "network with model.context_dim = 384")
+        g = torch.Generator().manual_seed(self.cfg["train"]["seed"] + 7)
+        self.text = TextConditioner(tcfg).fit(self.x_train, self.y_train,
+                                              int(self.data.num_classes), g)
+
+    def hint_cond(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
+        """For a ControlNet run, ``{"hint": hint made from the clean images x0}``."""
         from ..control import make_hint
 
-        cond = {"class_labels": y} if y is not None else {}
-        if self.hint:
-            cond["hint"] = make_hint(self.hint, x0)
-        return cond
+        return {"hint": make_hint(self.hint, x0)} if self.hint else {}
 
     # -- precision -------------------------------------------------------------------------
     def _autocast(self):
@@ -273,26 +292,34 @@ class Trainer:
             keep_last=self.cfg["train"]["keep_last"])
 
     # -- one step --------------------------------------------------------------------------
-    def _global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor,
+    def _global_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor,
                                      torch.Tensor]:
+        """(x0, conditioning kwargs, sigma, noise) of the global batch."""
         B = self.cfg["train"]["batch_size"]
         idx = torch.randint(0, self.x_train.shape[0], (B,), generator=self.g_data)
         x0 = self.x_train[idx]
-        y = self.y_train[idx] if (self.y_train is not None and self.num_classes) else None
-        if y is not None and self.cfg["objective"]["label_dropout"] > 0:
-            drop = torch.rand(B, generator=self.g_data) < self.cfg["objective"]["label_dropout"]
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        cond: dict[str, torch.Tensor] = {}
+        if self.y_train is not None and self.num_classes:
+            y = self.y_train[idx]
+            if self.cfg["objective"]["label_dropout"] > 0:
+                drop = torch.rand(B, generator=self.g_data) < self.cfg["objective"]["label_dropout"]
+                y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+            cond["class_labels"] = y
+        if self.text is not None:
+            cond.update(self.text.batch(idx, self.g_data))
+        cond.update(self.hint_cond(x0))
         sigma = self.objective.sample_sigma(B, self.denoiser, generator=self.g_noise)
         noise = torch.randn(x0.shape, generator=self.g_noise, dtype=x0.dtype)
-        return x0, y, sigma, noise
+        return x0, cond, sigma, noise
 
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns the mean loss (nan if skipped)."""
         tc = self.cfg["train"]
-        x0, y, sigma, noise = self._global_batch()
+        x0, cond, sigma, noise = self._global_batch()
         b = x0.shape[0] // self.world
         sl = slice(self.rank * b, (self.rank + 1) * b)
-        parts = [t[sl] if t is not None else None for t in (x0, y, sigma, noise)]
+        x0, sigma, noise = x0[sl], sigma[sl], noise[sl]
+        cond = {k: v[sl] for k, v in cond.items()}
         acc = tc["grad_accum"]
         mb = b // acc
         for g in self.opt.param_groups:
@@ -301,12 +328,12 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for k in range(acc):
             ms = slice(k * mb, (k + 1) * mb)
-            xk, yk, sk, nk = [t[ms].to(self.device) if t is not None else None for t in parts]
-            cond = self.batch_cond(xk, yk)
+            xk, sk, nk = (t[ms].to(self.device) for t in (x0, sigma, noise))
+            ck = {n: v[ms].to(self.device) for n, v in cond.items()}
             sync = nullcontext() if (self.ddp is None or k == acc - 1) else self.ddp.no_sync()
             with sync, self._autocast():
                 loss = self.objective.loss(self.train_denoiser, xk, generator=self.g_noise,
-                                           sigma=sk, noise=nk, **cond).mean() / acc
+                                           sigma=sk, noise=nk, **ck).mean() / acc
             loss.backward()
             total += loss.detach()
         if self.world > 1:
@@ -388,9 +415,11 @@ class Trainer:
         if self.hint:  # hints of real images, first rows of the held-out split (or train)
             real = self.data.heldout if getattr(self.data, "heldout", None) is not None \
                 else self.x_train
-            idx = torch.arange(n) % real.shape[0]
-            cond = self.batch_cond(real[idx], None)
-            cond = {k: v.to(self.device) for k, v in cond.items()}
+            cond = self.hint_cond(real[torch.arange(n) % real.shape[0]])
+        if self.text is not None:  # "the digit k" for class k, like the class grid
+            nc = int(self.data.num_classes)
+            cond = self.text.prompts([f"the digit {i % nc}" for i in range(n)])
+        cond = {k: v.to(self.device) for k, v in cond.items()}
         x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
                         class_labels=labels, **cond)
         path = self.out / "samples" / f"step-{self.step:08d}.png"

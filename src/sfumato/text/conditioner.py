@@ -1,0 +1,117 @@
+"""Text conditioning of a training run: captions of a labelled image set, encoded once.
+
+:class:`TextConditioner` turns a run's ``text`` config section into the conditioning kwargs
+its network takes:
+
+- ``encoder: "minilm"``: the frozen MiniLM's token states, ``{"context": (B, L, 384),
+  "context_mask": (B, L)}``, for a UNet/DiT built with ``context_dim: 384``. Every distinct
+  caption is encoded once (:class:`~sfumato.text.EmbeddingCache`), before training, and the
+  table is kept on disk (:meth:`TextConditioner.cache_path`) so later runs and prompts reuse
+  it.
+- ``encoder: "tiny"``: byte tokens ``{"text_ids": (B, L), "text_mask": (B, L)}`` for a
+  ``"text_conditioned"`` network, whose small Transformer encoder trains with it.
+
+Captions (:func:`~sfumato.text.make_captions`): ``n_variants`` phrasings per training image
+from its label and its measured thickness / slant / size (per-class tercile thresholds); each
+step draws one variant per image. A caption is dropped (its mask row set all False, the
+network's null text) with probability ``drop``, so one model serves classifier-free guidance
+(:meth:`null`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .captions import attribute_thresholds, digit_attributes, make_captions
+from .encoders import EmbeddingCache, MiniLMEncoder, TinyTextEncoder
+
+ENCODERS = ("minilm", "tiny")
+
+
+class TextConditioner:
+    """Captions and their encodings for one run.
+
+    Args:
+        cfg: the run's ``text`` section: ``encoder`` ("minilm" | "tiny"), ``max_length``,
+            ``n_variants``, ``drop``, ``keep`` (probability of keeping each attribute word).
+    """
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        if cfg.get("encoder") not in ENCODERS:
+            raise ValueError(f"text.encoder must be one of {ENCODERS}; got {cfg.get('encoder')!r}")
+        self.cfg = dict(cfg)
+        self.kind = cfg["encoder"]
+        self.max_length = int(cfg["max_length"])
+        self._cache: EmbeddingCache | None = None
+        self.rows: torch.Tensor | None = None  # (N, n_variants) caption index per image
+        self.captions: list[str] = []
+
+    @property
+    def keys(self) -> tuple[str, str]:
+        """The conditioning kwargs' names: (tokens-or-states, mask)."""
+        return ("context", "context_mask") if self.kind == "minilm" else ("text_ids",
+                                                                          "text_mask")
+
+    def cache_path(self) -> Path:
+        """The on-disk per-caption table of the frozen encoder, shared by every run:
+        ``cache_dir()/text/minilm-L{max_length}.safetensors``."""
+        from ..metrics.classifier import cache_dir
+
+        return cache_dir() / "text" / f"minilm-L{self.max_length}.safetensors"
+
+    def _encode(self, captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kind == "tiny":
+            return TinyTextEncoder.tokenize(list(captions), self.max_length)
+        if self._cache is None:
+            self._cache = EmbeddingCache(MiniLMEncoder(self.max_length))
+            if self.cache_path().is_file():
+                try:
+                    self._cache.load(self.cache_path())
+                except (ValueError, OSError) as e:  # unreadable or another encoder: re-encode
+                    warnings.warn(f"ignoring text embedding cache {self.cache_path()}: {e}",
+                                  stacklevel=2)
+        n = len(self._cache)
+        out = self._cache.encode(list(captions))
+        if len(self._cache) > n:
+            self._cache.save(self.cache_path())
+        return out
+
+    def fit(self, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+            generator: torch.Generator) -> TextConditioner:
+        """Caption every image (N, 1, H, W) with labels (N,) and encode the distinct captions."""
+        attrs = digit_attributes(images)
+        thr = attribute_thresholds(images, labels, num_classes)
+        caps = make_captions(labels, attrs, thr, generator, n_variants=self.cfg["n_variants"],
+                             keep=self.cfg["keep"])
+        self.captions = list(dict.fromkeys(c for row in caps for c in row))
+        index = {c: i for i, c in enumerate(self.captions)}
+        self.rows = torch.tensor([[index[c] for c in row] for row in caps], dtype=torch.long)
+        self.table = self._encode(self.captions)
+        self.thresholds = thr
+        return self
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Conditioning of training images ``idx`` (B,): one caption variant each, dropped with
+        probability ``drop`` (draws from ``generator``)."""
+        if self.rows is None:
+            raise RuntimeError("call fit() first")
+        B = idx.shape[0]
+        v = torch.randint(0, self.rows.shape[1], (B,), generator=generator)
+        keep = torch.rand(B, generator=generator) >= self.cfg["drop"]
+        r = self.rows[idx, v]
+        tokens, mask = self.table[0][r], self.table[1][r] & keep[:, None]
+        return dict(zip(self.keys, (tokens, mask), strict=True))
+
+    def prompts(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Conditioning of free-text prompts: (P, L, ...) tensors."""
+        return dict(zip(self.keys, self._encode(list(prompts)), strict=True))
+
+    def null(self) -> dict[str, torch.Tensor]:
+        """The unconditional branch for classifier-free guidance: an all-False mask (the
+        network's learned null text), batch 1 (broadcast)."""
+        return {self.keys[1]: torch.zeros(1, self.max_length, dtype=torch.bool)}
