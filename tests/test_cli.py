@@ -4,14 +4,13 @@ import json
 
 import numpy as np
 import pytest
+from _util import TINY_UNET
 
 from sfumato.cli import main
 
 CFG = {
     "data": {"name": "digits"},
-    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 16,
-              "channel_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False,
-              "norm_groups": 8, "conditional": True},
+    "model": TINY_UNET,
     "objective": {"label_dropout": 0.1},
     "train": {"steps": 3, "batch_size": 16, "checkpoint_every": 0, "num_threads": 1},
     "sample": {"sampler": "euler", "steps": 4, "n_grid": 10},
@@ -58,3 +57,12 @@ def test_clear_errors(run, capsys, tmp_path):
     assert main(["train", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")]) == 2
+
+
+def test_evaluate(run, capsys):
+    assert main(["evaluate", str(run / "run"), "--n", "30", "--steps", "2", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "| step | train CPU min | FD |" in out
+    rows = json.loads((run / "run" / "evaluation.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["fd"] > 0
+    assert rows[0]["train_cpu_minutes"] > 0 and 0 <= rows[0]["accuracy"] <= 1

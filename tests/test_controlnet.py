@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _util import perturb_
 
 from sfumato.control import (
     HINTS,
@@ -23,16 +24,10 @@ from sfumato.nets import DiT, UNet
 from sfumato.nets.context import prepare_context
 from sfumato.nets.controlnet import ControlledUNet, ControlNet
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B = 3
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_unet(size=8, **kw):
@@ -41,14 +36,6 @@ def tiny_unet(size=8, **kw):
                norm_groups=8)
     return UNet(**{**cfg, **kw})
 
-
-def perturb_(net, scale=0.05, seed=1):
-    """Add small noise to every parameter, so the base is not the zero function."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
 
 
 def batch(size, seed=0, channels=1):

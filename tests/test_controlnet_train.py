@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _util import TINY_UNET
 from PIL import Image
 
 import sfumato
@@ -19,9 +20,7 @@ from sfumato.train.trainer import Trainer
 
 BASE = {
     "data": {"name": "digits"},
-    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 16,
-              "channel_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False,
-              "norm_groups": 8, "conditional": True},
+    "model": TINY_UNET,
     "objective": {"label_dropout": 0.1},
     "train": {"steps": 150, "batch_size": 64, "lr": 3e-3, "warmup_steps": 10,
               "checkpoint_every": 0, "num_threads": 1},

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from _util import TINY_UNET
 
 import sfumato
 from sfumato.cli import main
@@ -24,9 +25,7 @@ CLF = {
 }
 GEN = {
     "data": {"name": "digits"},
-    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 16,
-              "channel_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False,
-              "norm_groups": 8, "conditional": True},
+    "model": TINY_UNET,
     "objective": {"label_dropout": 0.1},
     "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "keep_last": 3,
               "num_threads": 1},

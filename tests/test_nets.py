@@ -3,6 +3,7 @@ a tiny overfit run, build_net errors, and the diffusers adapter behind sfumato's
 
 import pytest
 import torch
+from _util import perturb_
 
 from sfumato.denoiser import Denoiser, EDMDenoiser
 from sfumato.nets import (
@@ -20,15 +21,6 @@ from sfumato.samplers import sample, sample_euler
 
 B = 3
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Run on one intra-op thread: these tensors are tiny, and on a busy machine two OpenMP
-    threads waiting on each other at every op made this file 10-25x slower (88 s vs 12 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_unet(size=8, ch=1, **kw):
@@ -60,14 +52,6 @@ MAKERS = {
     "dit16rgb": (lambda **kw: tiny_dit(16, 3, patch_size=4, **kw), (B, 3, 16, 16)),
 }
 
-
-def perturb_(net, scale=0.05, seed=1):
-    """Add small noise to every parameter (un-zeroes the zero-initialised layers)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return net
 
 
 def inputs(shape, seed=0):

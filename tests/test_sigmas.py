@@ -63,3 +63,41 @@ def test_errors_and_get_sigmas():
     p = VPDiscrete()
     g = S.get_sigmas("karras", 5, process=p)
     assert abs(float(g[0]) - p.sigma_max) < 1e-9 and abs(float(g[-2]) - p.sigma_min) < 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 50])
+def test_gaussian_lte_contract(n):
+    s = S.gaussian_lte(n, 0.03, 15.0)
+    assert s.shape == (n + 1,) and s.dtype == torch.float64
+    assert float(s[-1]) == 0.0 and abs(float(s[0]) - 15.0) < 1e-9
+    assert (s[1:] < s[:-1]).all() and float(s[-2]) >= 0.03 - 1e-12
+    assert S.gaussian_lte(n, 0.03, 15.0, final_zero=False).shape == (n,)
+    p = VPDiscrete()
+    g = S.get_sigmas("gaussian_lte", n, process=p)
+    torch.testing.assert_close(g, S.gaussian_lte(n, p.sigma_min, p.sigma_max))
+
+
+def test_gaussian_lte_equidistributes_the_density():
+    """Interior levels sit at equal increments of int rho dlambda (rho = E(y)^{1/(q+1)});
+    short grids end above sigma_min (the final step gets the tail), long ones at sigma_min."""
+    q, sd = 3, 0.5
+    s = S.gaussian_lte(12, 0.03, 15.0, sigma_data=sd, order=q, final_zero=False)
+
+    def mass(a, b, m=20001):  # int_a^b rho dlambda
+        lam = torch.linspace(a, b, m, dtype=torch.float64)
+        y = lam + math.log(sd)
+        rho = ((y - torch.nn.functional.softplus(3 * y)) / (q + 1)).exp()
+        return float(torch.trapezoid(rho, lam))
+
+    lam = (-s.log()).tolist()
+    masses = [mass(lam[i], lam[i + 1]) for i in range(len(lam) - 1)]
+    assert max(masses) / min(masses) < 1.001
+    assert abs(float(s[-1]) - 0.03) < 1e-12
+    short = S.gaussian_lte(5, 0.03, 15.0, final_zero=False)
+    assert float(short[-1]) > 0.05  # the tail beyond it is one step's share
+    # the top step is long: one step of the grid covers sigma_max down to ~sigma_max / 5
+    assert float(short[1]) < 15.0 / 3
+    with pytest.raises(ValueError, match="sigma_data"):
+        S.gaussian_lte(5, 0.03, 15.0, sigma_data=0.0)
+    with pytest.raises(ValueError, match="order"):
+        S.gaussian_lte(5, 0.03, 15.0, order=0)

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from _util import perturb_
 
 from sfumato.nets import DiT, TextConditioned, UNet, build_net
 from sfumato.nets._common import zero_
@@ -27,16 +28,10 @@ from sfumato.text import (
     parse_prompt,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, L, CTX = 3, 5, 12
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # -- synthetic images with known attributes ----------------------------------------------------
@@ -311,14 +306,6 @@ def tiny_dit(**kw):
 MAKERS = {"unet": tiny_unet, "dit": tiny_dit}
 
 
-def perturb_(net, scale=0.1, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return net
-
-
 def text_paths(net):
     """The zero-initialised output projections of the text paths."""
     return [m.cross.proj for m in net.modules() if getattr(m, "cross", None) is not None] \
@@ -336,7 +323,7 @@ def batch(seed=0):
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_text_enters_only_through_zero_init_paths(name):
     torch.manual_seed(0)
-    net = perturb_(MAKERS[name](context_dim=CTX))
+    net = perturb_(MAKERS[name](context_dim=CTX), scale=0.1)
     x, c, ctx, mask = batch()
     for m in text_paths(net):
         zero_(m)
@@ -347,7 +334,7 @@ def test_text_enters_only_through_zero_init_paths(name):
     assert y1.shape == x.shape
     assert torch.allclose(y0, y1, atol=1e-6) and torch.allclose(y0, y2, atol=1e-6)
     for m in text_paths(net):
-        perturb_(m, seed=2)
+        perturb_(m, scale=0.1, seed=2)
     with torch.no_grad():
         y3 = net(x, c, context=ctx, context_mask=mask)
         y4 = net(x, c, context=ctx + torch.randn_like(ctx), context_mask=mask)
@@ -357,7 +344,7 @@ def test_text_enters_only_through_zero_init_paths(name):
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_masks_padding_and_null_text(name):
     torch.manual_seed(0)
-    net = perturb_(MAKERS[name](context_dim=CTX))
+    net = perturb_(MAKERS[name](context_dim=CTX), scale=0.1)
     x, c, ctx, mask = batch()
     noisy = torch.where(mask[..., None], ctx, 100 * torch.randn_like(ctx))
     empty = torch.zeros_like(mask)
@@ -410,7 +397,7 @@ def test_text_conditioned_trains_the_encoder():
     ids, mask = TinyTextEncoder.tokenize(["a thick 7", "two", "number 5, small"], 12)
     # while the text paths' output projections are zero (as at init) they block the
     # encoder's gradient but receive one themselves, so learning starts
-    perturb_(net.backbone)
+    perturb_(net.backbone, scale=0.1)
     for m in text_paths(net.backbone):
         zero_(m)
     net(x, c, text_ids=ids, text_mask=mask).square().sum().backward()
@@ -418,7 +405,7 @@ def test_text_conditioned_trains_the_encoder():
     assert all(p.grad is None or (p.grad == 0).all() for p in net.encoder.parameters())
     net.zero_grad()
     for m in text_paths(net.backbone):
-        perturb_(m, seed=3)
+        perturb_(m, scale=0.1, seed=3)
     net(x, c, text_ids=ids, text_mask=mask).square().sum().backward()
     grads = [p.grad for p in net.encoder.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -247,6 +247,10 @@ def _grid_polyexp(p: VPDiscrete, n: int) -> torch.Tensor:
     return grids.polyexponential(n, p.sigma_min, p.sigma_max, rho=2.0)
 
 
+def _grid_gaussian_lte(p: VPDiscrete, n: int) -> torch.Tensor:
+    return grids.gaussian_lte(n, p.sigma_min, p.sigma_max, sigma_data=0.5, order=3)
+
+
 def _grid_uniform_t(p: VPDiscrete, n: int) -> torch.Tensor:
     return grids.uniform_t(p, n)
 
@@ -263,6 +267,7 @@ GRIDS: dict[str, Callable[[VPDiscrete, int], torch.Tensor]] = {
     "karras": _grid_karras,
     "loglinear": _grid_loglinear,
     "polyexp2": _grid_polyexp,
+    "gaussian_lte": _grid_gaussian_lte,
     "uniform_t": _grid_uniform_t,
     "trailing": _grid_discrete("trailing"),
     "linspace": _grid_discrete("linspace"),
@@ -314,7 +319,7 @@ def deterministic_samplers(variants: bool = True) -> list[str]:
 
     With ``variants``, a sampler with an integer ``order`` parameter also appears at each lower
     order down to 2, e.g. ``'unipc(order=2)'`` (diffusers' schedulers are run at every solver
-    order too).
+    order too), and the entries of :data:`HIGHER_ORDER_VARIANTS` are added.
     """
     out = []
     for n, fn in SAMPLERS.items():
@@ -324,7 +329,14 @@ def deterministic_samplers(variants: bool = True) -> list[str]:
         p = inspect.signature(fn).parameters.get("order")
         if variants and p is not None and isinstance(p.default, int):
             out += [f"{n}(order={k})" for k in range(2, p.default)]
+    if variants:
+        out += [v for v in HIGHER_ORDER_VARIANTS if _base(v) in SAMPLERS]
     return out
+
+
+#: variants above a sampler's default order that the full benchmark also runs (UniPC-4 with
+#: its order-5 corrector pays from ~20 steps on)
+HIGHER_ORDER_VARIANTS = ("unipc(order=4)",)
 
 
 @dataclass

@@ -172,6 +172,47 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .api import load
+    from .metrics import evaluate_images
+    from .train.checkpoint import CheckpointError, find_checkpoint, write_json_atomic
+
+    run = Path(args.run)
+    latest = find_checkpoint(run)
+    if latest is None:
+        raise UsageError(f"{run} has no checkpoint (train it with 'sfumato train')")
+    ckpts = sorted((run / "checkpoints").glob("step-*")) if args.all else []
+    step = json.loads((latest / "state.json").read_text())["step"]
+    if f"step-{step:08d}" not in [c.name for c in ckpts]:  # the latest is not archived yet
+        ckpts.append(latest)
+    rows = []
+    print("| step | train CPU min | FD | FD floor | FD / floor | class accuracy |\n"
+          "|---|---|---|---|---|---|")
+    for ck in ckpts:
+        try:
+            model = load(ck)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        if model.is_classifier or not model.shape or len(model.shape) != 3:
+            raise UsageError("evaluate scores image models (FD in a classifier's features)")
+        x = model.sample(args.n, seed=args.seed, sampler=args.sampler, steps=args.steps)
+        m = evaluate_images(x, model.config["data"], labels=model.last_labels)
+        cpu = model.state.get("train_cpu_seconds")
+        rows.append({"step": model.state["step"], "train_cpu_minutes": cpu and cpu / 60,
+                     **{k: m.get(k) for k in ("fd", "fd_floor", "fd_ratio", "accuracy",
+                                              "class_entropy", "n")}})
+        r = rows[-1]
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        cpu_s = "?" if cpu is None else f"{cpu / 60:.1f}"
+        print(f"| {r['step']} | {cpu_s} | {r['fd']:.2f} | {r['fd_floor']:.2f} | "
+              f"{r['fd_ratio']:.2f} | {acc} |", flush=True)
+    write_json_atomic(run / "evaluation.json", {"n": args.n, "rows": rows})
+    print(f"wrote {run / 'evaluation.json'}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -272,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="describe a run")
     p.add_argument("run", metavar="DIR", help="run directory")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("evaluate", help="score a run's samples: FD vs the real-vs-real floor, "
+                       "class accuracy (image data sets)")
+    p.add_argument("run", metavar="DIR", help="run directory")
+    p.add_argument("--n", type=_positive_int, default=1000, help="samples (default 1000)")
+    p.add_argument("--all", action="store_true",
+                   help="every kept checkpoint (DIR/checkpoints/step-*), not just the latest")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), metavar="NAME")
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=12345)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="train the default digits model, sample and score it",
                        description="Train the default model on scikit-learn's digits (8x8), "

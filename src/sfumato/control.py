@@ -20,7 +20,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -136,24 +135,16 @@ def load_hint(path: str | os.PathLike, size: int | tuple[int, int], channels: in
     :data:`HINTS`. FileNotFoundError for a missing file, ValueError for one that is no
     readable image.
     """
-    try:
-        from PIL import Image, ImageOps, UnidentifiedImageError
-    except ImportError as e:  # pragma: no cover - Pillow is a core dependency
-        raise ImportError("reading hint images needs Pillow: pip install pillow") from e
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"size must be an int or (height, width); got {size!r}")
+    from PIL import UnidentifiedImageError
+
+    from .data.images import image_shape, read_image
+
+    hw = image_shape(size, channels)
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"hint image {str(p)!r} does not exist or is no file")
     try:
-        with Image.open(p) as im:
-            im.load()
-            im = ImageOps.fit(im.convert("L" if channels == 1 else "RGB"), (hw[1], hw[0]),
-                              method=Image.Resampling.BICUBIC)
-            a = np.array(im, dtype=np.uint8).reshape(hw[0], hw[1], channels)
+        a = read_image(p, hw, channels)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise ValueError(f"hint {str(p)!r} is not a readable image file ({e})") from e
     x = from_uint8(a[None])

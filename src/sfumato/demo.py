@@ -26,8 +26,8 @@ DEMO_CONFIG: dict[str, Any] = {
     "objective": {"target": "edm", "sigma_data": 0.5, "sigma_sampling": "lognormal",
                   "P_mean": -1.2, "P_std": 1.2, "weighting": "edm", "label_dropout": 0.1},
     "train": {"steps": 1350, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50,
-              "schedule": "cosine", "checkpoint_every": 500, "ema": {"kind": "power",
-                                                                     "sigma_rel": 0.1}},
+              "schedule": "cosine", "checkpoint_every": 500, "keep_last": 3,
+              "ema": {"kind": "power", "sigma_rel": 0.1}},
     "sample": {"sampler": "heun", "steps": 18, "grid": "karras", "sigma_min": 0.002,
                "sigma_max": 80.0, "n_grid": 100},
 }

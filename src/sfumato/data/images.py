@@ -105,6 +105,32 @@ def _resized(data: ImageData, size) -> ImageData:
     return data
 
 
+# -- reading one image file ------------------------------------------------------------------
+def image_shape(size: int | tuple[int, int], channels: int) -> tuple[int, int]:
+    """(H, W) from ``size`` (int or (H, W)); ValueError for bad sizes or channel counts."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"size must be an int or (height, width); got {size!r}")
+    return hw
+
+
+def read_image(path: str | os.PathLike, hw: tuple[int, int], channels: int) -> np.ndarray:
+    """One image file -> (H, W, channels) uint8: converted to grayscale (1) or RGB (3),
+    resized to cover (H, W) and center-cropped (Pillow, bicubic; no resampling at that size
+    already). Raises whatever Pillow raises for a file that is no readable image."""
+    try:
+        from PIL import Image, ImageOps
+    except ImportError as e:  # pragma: no cover - Pillow is a core dependency
+        raise ImportError("reading images needs Pillow: pip install pillow") from e
+    with Image.open(path) as im:
+        im.load()
+        im = ImageOps.fit(im.convert("L" if channels == 1 else "RGB"), (hw[1], hw[0]),
+                          method=Image.Resampling.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).reshape(hw[0], hw[1], channels)
+
+
 # -- a folder of image files --------------------------------------------------------------------
 def load_folder(path: str | os.PathLike, *, size: int | tuple[int, int], channels: int = 3,
                 labels: bool = False, heldout: int | float = 0, seed: int = 0) -> ImageData:
@@ -116,15 +142,7 @@ def load_folder(path: str | os.PathLike, *, size: int | tuple[int, int], channel
     first-level subfolder name (sorted names -> 0, 1, ...; ``class_names`` keeps them).
     ``heldout`` > 0 makes a seeded (stratified if labelled) held-out split.
     """
-    try:
-        from PIL import Image, ImageOps
-    except ImportError as e:
-        raise ImportError("image folders need Pillow: pip install pillow") from e
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"size must be an int or (height, width); got {size!r}")
+    hw = image_shape(size, channels)
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is no folder")
@@ -136,19 +154,14 @@ def load_folder(path: str | os.PathLike, *, size: int | tuple[int, int], channel
             raise ValueError(f"labels=True takes classes from subfolder names, but "
                              f"{len(top)} file(s) lie directly in {str(root)!r} "
                              f"(e.g. {top[0].name!r})")
-    mode = "L" if channels == 1 else "RGB"
     arrays, classes, bad = [], [], []
     for p in files:
         try:
-            with Image.open(p) as im:
-                im.load()
-                im = ImageOps.fit(im.convert(mode), (hw[1], hw[0]),
-                                  method=Image.Resampling.BICUBIC)
-                a = np.asarray(im, dtype=np.uint8)
+            a = read_image(p, hw, channels)
         except Exception:  # noqa: BLE001 - any decoding failure means "not a readable image"
             bad.append(p)
             continue
-        arrays.append(a.reshape(hw[0], hw[1], channels))
+        arrays.append(a)
         classes.append(p.relative_to(root).parts[0] if labels else None)
     if bad:
         eg = ", ".join(repr(str(b.relative_to(root))) for b in bad[:3])

