@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from sfumato import bench, cli
+from sfumato import bench, cli, sigmas
 from sfumato.samplers import SAMPLERS, STOCHASTIC
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,12 +55,30 @@ def test_problem_reference_is_converged_and_starts_from_shared_noise(problem):
 def test_grids_stay_in_the_trained_range(problem):
     proc = problem.process
     for name in bench.GRIDS:
-        sig = bench.sfumato_grid(name, proc, 7)
+        sig = bench.sfumato_grid(name, proc, 7, problem.data_std)
         assert sig[-1] == 0 and len(sig) == 8
         pos = sig[:-1]
         assert (pos[1:] < pos[:-1]).all(), name
         assert pos.max() <= proc.sigma_max * (1 + 1e-9) and pos.min() >= proc.sigma_min * (
             1 - 1e-9), name
+
+
+def test_data_grids_need_the_data_spectrum(problem):
+    """gaussian_cov is gaussian_lte on the data's covariance spectrum (with propagation)."""
+    proc = problem.process
+    stds = problem.data_std
+    assert stds.shape == (2,) and (stds > 0).all()
+    eig = torch.linalg.eigvalsh(problem.model.covariance())
+    torch.testing.assert_close(stds**2, eig)
+    assert "gaussian_cov" in bench.DATA_GRIDS
+    with pytest.raises(ValueError, match="data_std"):
+        bench.sfumato_grid("gaussian_cov", proc, 7)
+    torch.testing.assert_close(
+        bench.sfumato_grid("gaussian_cov", proc, 7, stds),
+        sigmas.gaussian_lte(7, proc.sigma_min, proc.sigma_max, sigma_data=stds, order=3,
+                            propagate=True))
+    r = bench.run_sfumato(problem, "unipc(order=2)", "gaussian_cov", 10)
+    assert r.status == "ok" and r.nfe == 10 and r.error < 0.1
 
 
 def test_steps_for_nfe_counts_honestly(problem):

@@ -295,7 +295,7 @@ def test_callback_and_bad_arguments(mixture2d):
     assert set(seen[0]) == {"i", "x", "sigma", "sigma_next", "denoised"}
     x = torch.randn(4, 2) * 80
     with pytest.raises(ValueError, match="order"):
-        get_sampler("unipc")(mixture2d, x, sig, order=4)
+        get_sampler("unipc")(mixture2d, x, sig, order=6)
     with pytest.raises(ValueError, match="variant"):
         get_sampler("unipc")(mixture2d, x, sig, variant="bh3")
     with pytest.raises(ValueError, match="solver_type"):

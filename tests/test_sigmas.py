@@ -101,3 +101,38 @@ def test_gaussian_lte_equidistributes_the_density():
         S.gaussian_lte(5, 0.03, 15.0, sigma_data=0.0)
     with pytest.raises(ValueError, match="order"):
         S.gaussian_lte(5, 0.03, 15.0, order=0)
+
+
+def test_gaussian_lte_covariance_and_propagation():
+    """sigma_data as a spectrum: one value is the isotropic grid; equal values are the
+    isotropic grid; interior levels equidistribute rho = (RMS_i s_i E(y_i) g(y_i))^{1/(q+1)}
+    with propagate=True; a small-scale axis and propagation move steps towards small sigma."""
+    q, n = 3, 12
+    iso = S.gaussian_lte(n, 0.03, 15.0, sigma_data=0.5, order=q)
+    torch.testing.assert_close(S.gaussian_lte(n, 0.03, 15.0, sigma_data=[0.5], order=q), iso)
+    torch.testing.assert_close(
+        S.gaussian_lte(n, 0.03, 15.0, sigma_data=torch.full((7,), 0.5), order=q), iso)
+    stds = torch.tensor([0.15, 0.2, 1.0, 1.4], dtype=torch.float64)
+    s = S.gaussian_lte(n, 0.03, 15.0, sigma_data=stds, order=q, propagate=True,
+                       final_zero=False)
+    assert s.shape == (n,) and (s[1:] < s[:-1]).all() and float(s[-1]) >= 0.03 - 1e-12
+
+    def mass(a, b, m=20001):
+        lam = torch.linspace(a, b, m, dtype=torch.float64)
+        y = lam[:, None] + stds.log()
+        e = stds * (y - torch.nn.functional.softplus(3 * y)).exp()
+        e = e * (1 + (-2 * y).exp()) ** -0.5
+        rho = e.pow(2).mean(1).sqrt() ** (1 / (q + 1))
+        return float(torch.trapezoid(rho, lam))
+
+    lam = (-s.log()).tolist()
+    masses = [mass(lam[i], lam[i + 1]) for i in range(len(lam) - 1)]
+    assert max(masses) / min(masses) < 1.001
+    # propagation shrinks errors at the top: fewer steps there, the first one longer
+    plain = S.gaussian_lte(n, 0.03, 15.0, sigma_data=stds, order=q, final_zero=False)
+    assert float(s[1]) < float(plain[1])
+    # small-scale axes pull the low levels down against the isotropic sigma_data = 0.5 grid
+    assert (s[n - 4:n - 1] < iso[n - 4:n - 1]).all()
+    for bad in ([], [0.5, 0.0], [0.5, float("nan")]):
+        with pytest.raises(ValueError, match="sigma_data"):
+            S.gaussian_lte(5, 0.03, 15.0, sigma_data=bad)

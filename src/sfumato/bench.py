@@ -88,6 +88,7 @@ __all__ = [
     "make_problem",
     "start_state",
     "sfumato_grid",
+    "DATA_GRIDS",
     "deterministic_samplers",
     "parse_sampler",
     "run_sfumato",
@@ -177,6 +178,13 @@ class Problem:
     def sigma_max(self) -> float:
         return self.process.sigma_max
 
+    @functools.cached_property
+    def data_std(self) -> torch.Tensor:
+        """Standard deviations of the data along its principal axes (square roots of the
+        eigenvalues of the mixture's covariance), ascending: the data statistic the
+        ``gaussian_cov`` grid uses (with real data: a PCA of the training set)."""
+        return torch.linalg.eigvalsh(self.model.covariance()).clamp(min=0).sqrt()
+
     @property
     def sigma_min(self) -> float:
         return self.process.sigma_min
@@ -251,6 +259,11 @@ def _grid_gaussian_lte(p: VPDiscrete, n: int) -> torch.Tensor:
     return grids.gaussian_lte(n, p.sigma_min, p.sigma_max, sigma_data=0.5, order=3)
 
 
+def _grid_gaussian_cov(p: VPDiscrete, n: int, data_std: torch.Tensor) -> torch.Tensor:
+    return grids.gaussian_lte(n, p.sigma_min, p.sigma_max, sigma_data=data_std, order=3,
+                              propagate=True)
+
+
 def _grid_uniform_t(p: VPDiscrete, n: int) -> torch.Tensor:
     return grids.uniform_t(p, n)
 
@@ -262,12 +275,14 @@ def _grid_discrete(spacing: str) -> Callable[[VPDiscrete, int], torch.Tensor]:
     return build
 
 
-#: grid name -> builder(process, n_steps) -> sigmas (n + 1 values ending in 0)
-GRIDS: dict[str, Callable[[VPDiscrete, int], torch.Tensor]] = {
+#: grid name -> builder(process, n_steps) -> sigmas (n + 1 values ending in 0); the builders
+#: named in :data:`DATA_GRIDS` also take ``data_std`` (:attr:`Problem.data_std`)
+GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "karras": _grid_karras,
     "loglinear": _grid_loglinear,
     "polyexp2": _grid_polyexp,
     "gaussian_lte": _grid_gaussian_lte,
+    "gaussian_cov": _grid_gaussian_cov,
     "uniform_t": _grid_uniform_t,
     "trailing": _grid_discrete("trailing"),
     "linspace": _grid_discrete("linspace"),
@@ -275,10 +290,26 @@ GRIDS: dict[str, Callable[[VPDiscrete, int], torch.Tensor]] = {
 }
 
 
-def sfumato_grid(name: str, process: VPDiscrete, n: int) -> torch.Tensor:
-    """Grid ``name`` (see :data:`GRIDS`) with ``n`` steps, inside the process's range, then 0."""
+#: grids built from a data statistic: the data's standard deviations along its principal axes
+#: (``gaussian_cov``: :func:`sfumato.sigmas.gaussian_lte` on the Gaussian surrogate with the
+#: data's covariance, errors weighted by how much of them reaches sigma = 0, order 3 = UniPC-2
+#: with its corrector)
+DATA_GRIDS = ("gaussian_cov",)
+
+
+def sfumato_grid(name: str, process: VPDiscrete, n: int,
+                 data_std: torch.Tensor | None = None) -> torch.Tensor:
+    """Grid ``name`` (see :data:`GRIDS`) with ``n`` steps, inside the process's range, then 0.
+
+    The grids in :data:`DATA_GRIDS` need ``data_std`` (see :attr:`Problem.data_std`).
+    """
     if name not in GRIDS:
         raise ValueError(f"unknown grid {name!r}; choose one of {sorted(GRIDS)}")
+    if name in DATA_GRIDS:
+        if data_std is None:
+            raise ValueError(f"grid {name!r} needs data_std (the data's standard deviations "
+                             "along its principal axes, e.g. Problem.data_std)")
+        return GRIDS[name](process, n, data_std)
     return GRIDS[name](process, n)
 
 
@@ -410,7 +441,7 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
     def nfe_of(n: int, cache: dict | None = nfe_cache) -> int:
         if cache is not None and (sampler, n) in cache:
             return cache[(sampler, n)]
-        sig = sfumato_grid(grid, problem.process, n)
+        sig = sfumato_grid(grid, problem.process, n, problem.data_std)
         x1 = start_state(problem, float(sig[0]))[:1]
         k = _count_nfe(lambda m: fn(m, x1, sig), problem.model)
         if cache is not None:
@@ -425,7 +456,7 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
                 return Result(name, "sfumato", nfe, status="n/a",
                               note="one step costs more NFE", config=conf)
             n = found[0]
-            sig = sfumato_grid(grid, problem.process, n)
+            sig = sfumato_grid(grid, problem.process, n, problem.data_std)
             counter = CountingDenoiser(problem.model)
             out = fn(counter, start_state(problem, float(sig[0])), sig)
         except NotImplementedError:
