@@ -18,6 +18,11 @@ def test_config_is_valid(path):
     model = dict(cfg["model"])
     if model.pop("conditional", False) or model["type"] == "classifier":
         model["num_classes"] = 10  # the trainer fills it in from the data set
+    if model["type"] == "controlnet":  # the trainer reads the base run's network config
+        assert model["base"] == "runs/demo"
+        base = dict(DEMO_CONFIG["model"])
+        base.pop("conditional")
+        model["base"] = {**base, "num_classes": 10}
     assert count_params(build_net(model)) > 0
     assert cfg["data"]["name"] in {"digits", "mnist", "moons", "swissroll", "8gaussians",
                                    "checkerboard"}

@@ -197,7 +197,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             raise UsageError(str(e)) from None
         if model.is_classifier or not model.shape or len(model.shape) != 3:
             raise UsageError("evaluate scores image models (FD in a classifier's features)")
-        x = model.sample(args.n, seed=args.seed, sampler=args.sampler, steps=args.steps)
+        try:
+            x = model.sample(args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
+                             guidance=args.guidance)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         m = evaluate_images(x, model.config["data"], labels=model.last_labels)
         cpu = model.state.get("train_cpu_seconds")
         rows.append({"step": model.state["step"], "train_cpu_minutes": cpu and cpu / 60,
@@ -208,7 +212,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cpu_s = "?" if cpu is None else f"{cpu / 60:.1f}"
         print(f"| {r['step']} | {cpu_s} | {r['fd']:.2f} | {r['fd_floor']:.2f} | "
               f"{r['fd_ratio']:.2f} | {acc} |", flush=True)
-    write_json_atomic(run / "evaluation.json", {"n": args.n, "rows": rows})
+    write_json_atomic(run / "evaluation.json", {"n": args.n, "guidance": args.guidance,
+                                                "rows": rows})
     print(f"wrote {run / 'evaluation.json'}")
     return 0
 
@@ -323,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), metavar="NAME")
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance scale (conditional runs)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="train the default digits model, sample and score it",
