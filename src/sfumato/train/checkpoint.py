@@ -40,8 +40,9 @@ def _fsync_file(path: Path) -> None:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` through a temp file + os.replace."""
+    """Write JSON to ``path`` through a temp file + os.replace (creating its folder)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
