@@ -17,31 +17,7 @@ import numpy as np
 import torch
 
 from .data.base import to_uint8 as data_to_uint8
-from .samplers import sample
-
-
-def per_sample_generators(seed: int, n: int, start: int = 0,
-                          device: torch.device | str = "cpu") -> list[torch.Generator]:
-    """One generator per sample, seeded from (seed, index): sample i does not depend on how
-    many samples are drawn together."""
-    return [torch.Generator(device).manual_seed(seed * 1_000_003 + start + i) for i in range(n)]
-
-
-@torch.no_grad()
-def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int = 0,
-                device: torch.device | str = "cpu", class_labels: torch.Tensor | None = None,
-                callback=None, **cond) -> torch.Tensor:
-    """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs}, one
-    generator per sample (see :func:`sfumato.samplers.sample`); ``cond`` tensors go to the
-    denoiser."""
-    if class_labels is not None:
-        cond["class_labels"] = class_labels.to(device)
-    return sample(denoiser, shape, sampler=sample_cfg.get("sampler", "heun"),
-                  steps=int(sample_cfg.get("steps", 18)), grid=sample_cfg.get("grid", "karras"),
-                  sigma_min=sample_cfg.get("sigma_min", 0.002),
-                  sigma_max=sample_cfg.get("sigma_max", 80.0),
-                  generator=per_sample_generators(seed, shape[0]), device=device,
-                  callback=callback, sampler_kwargs=sample_cfg.get("kwargs"), **cond)
+from .samplers._api import sample_from
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""One-call sampling: noise, grid and sampler chosen by name."""
+"""One-call sampling: noise, grid and sampler chosen by name (:func:`sample`), or by a run's
+``sample`` config section with one generator per sample (:func:`sample_from`)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,27 @@ def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m
     x = initial_noise(shape, float(sig[0]), generator, dtype=dtype, device=device)
     return fn(denoiser, x, sig, generator=generator, callback=callback,
               **(sampler_kwargs or {}), **cond)
+
+
+def per_sample_generators(seed: int, n: int, start: int = 0,
+                          device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per sample, seeded from (seed, index): sample i does not depend on how
+    many samples are drawn together."""
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + start + i) for i in range(n)]
+
+
+@torch.no_grad()
+def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int = 0,
+                device: torch.device | str = "cpu", class_labels: torch.Tensor | None = None,
+                callback=None, **cond) -> torch.Tensor:
+    """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs}, one
+    generator per sample (see :func:`sfumato.samplers.sample`); ``cond`` tensors go to the
+    denoiser."""
+    if class_labels is not None:
+        cond["class_labels"] = class_labels.to(device)
+    return sample(denoiser, shape, sampler=sample_cfg.get("sampler", "heun"),
+                  steps=int(sample_cfg.get("steps", 18)), grid=sample_cfg.get("grid", "karras"),
+                  sigma_min=sample_cfg.get("sigma_min", 0.002),
+                  sigma_max=sample_cfg.get("sigma_max", 80.0),
+                  generator=per_sample_generators(seed, shape[0]), device=device,
+                  callback=callback, sampler_kwargs=sample_cfg.get("kwargs"), **cond)

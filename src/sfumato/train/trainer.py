@@ -402,8 +402,9 @@ class Trainer:
     @torch.no_grad()
     def write_samples(self) -> Path | None:
         """A PNG grid of EMA samples at the current step (images only)."""
-        from ..api import sample_from, to_uint8
+        from ..data.base import to_uint8
         from ..imageio import save_grid
+        from ..samplers._api import sample_from
 
         if self.x_train.ndim != 4 or self.is_classifier:
             return None
