@@ -66,3 +66,6 @@ def test_evaluate(run, capsys):
     rows = json.loads((run / "run" / "evaluation.json").read_text())["rows"]
     assert len(rows) == 1 and rows[0]["step"] == 3 and rows[0]["fd"] > 0
     assert rows[0]["train_cpu_minutes"] > 0 and 0 <= rows[0]["accuracy"] <= 1
+    ck = run / "run" / "checkpoint"  # a checkpoint folder works too
+    assert main(["evaluate", str(ck), "--n", "30", "--steps", "2", "--guidance", "2"]) == 0
+    assert json.loads((ck / "evaluation.json").read_text())["guidance"] == 2.0

@@ -180,7 +180,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.checkpoint import CheckpointError, find_checkpoint, write_json_atomic
 
     run = Path(args.run)
-    latest = find_checkpoint(run)
+    latest = run if (run / "state.json").is_file() else find_checkpoint(run)  # or a ckpt dir
     if latest is None:
         raise UsageError(f"{run} has no checkpoint (train it with 'sfumato train')")
     ckpts = sorted((run / "checkpoints").glob("step-*")) if args.all else []
