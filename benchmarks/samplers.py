@@ -36,11 +36,7 @@ BAR_RATIO = 0.5
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mixture", default="img3", choices=sorted(bench.MIXTURES),
-                   help="the exact model (default: %(default)s)")
-    p.add_argument("--schedule", default="scaled_linear", choices=["scaled_linear", "linear"],
-                   help="VP beta schedule, 1000 steps (default: %(default)s)")
-    p.add_argument("--batch", type=int, default=128, help="samples (default: %(default)s)")
+    bench.add_problem_arguments(p, mixture="img3")
     p.add_argument("--seed", type=int, default=0, help="mixture and noise seed")
     p.add_argument("--nfe", type=int, nargs="+", default=list(bench.DEFAULT_NFES),
                    help="NFE budgets (default: 5 10 20 50)")

@@ -19,3 +19,8 @@ def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.
         for p in net.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return net
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed``."""
+    return torch.Generator().manual_seed(seed)

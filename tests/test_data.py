@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _util import gen
 
 from sfumato.data import (
     TOYS,
@@ -27,10 +28,6 @@ from sfumato.data import (
     stratified_split,
     to_uint8,
 )
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 # -- toys -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _util import gen
 
 import sfumato.metrics.classifier as clf_mod
 from sfumato.check import sliced_wasserstein
@@ -25,10 +26,6 @@ from sfumato.metrics import (
     get_classifier,
     mmd,
 )
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 # -- Fréchet distance -------------------------------------------------------------------------

@@ -190,6 +190,19 @@ class Problem:
         return self.process.sigma_min
 
 
+def add_problem_arguments(parser, *, mixture: str, batch_type: Callable[[str], int] = int
+                          ) -> None:
+    """``--mixture``, ``--schedule``, ``--batch``: the arguments of :func:`make_problem`, as
+    ``sfumato compare`` and ``benchmarks/samplers.py`` take them (argparse ``parser``)."""
+    parser.add_argument("--mixture", default=mixture, choices=sorted(MIXTURES),
+                        help="the exact model (default: %(default)s)")
+    parser.add_argument("--schedule", default="scaled_linear",
+                        choices=["scaled_linear", "linear"],
+                        help="VP beta schedule, 1000 steps (default: %(default)s)")
+    parser.add_argument("--batch", type=batch_type, default=128,
+                        help="number of samples (default: %(default)s)")
+
+
 def make_problem(mixture: str = "img3", schedule: str = "scaled_linear", batch: int = 128,
                  seed: int = 0, ref_steps: int = 400) -> Problem:
     """Build the benchmark problem (deterministic in ``seed``).

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the registered samplers and whether they draw noise.")
     p.set_defaults(func=_cmd_samplers)
 
-    from .bench import COMPARE_GRIDS, COMPARE_SAMPLERS, GRIDS, MIXTURES
+    from .bench import COMPARE_GRIDS, COMPARE_SAMPLERS, GRIDS, add_problem_arguments
 
     p = sub.add_parser(
         "compare", help="sfumato vs diffusers samplers: error vs NFE (table, PNG, JSON)",
@@ -261,12 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", nargs="+", metavar="GRID", default=None, choices=sorted(GRIDS),
                    help=f"sigma grids (default: {' '.join(COMPARE_GRIDS)}; "
                         f"choices: {', '.join(GRIDS)})")
-    p.add_argument("--mixture", default="img1", choices=sorted(MIXTURES),
-                   help="the exact model (default: %(default)s)")
-    p.add_argument("--schedule", default="scaled_linear", choices=["scaled_linear", "linear"],
-                   help="VP beta schedule, 1000 steps (default: %(default)s)")
-    p.add_argument("--batch", type=_positive_int, default=128,
-                   help="number of samples (default: %(default)s)")
+    add_problem_arguments(p, mixture="img1", batch_type=_positive_int)
     p.add_argument("--quick", action="store_true",
                    help="fewer samples and a coarser reference (a few seconds)")
     p.add_argument("--no-diffusers", action="store_true", help="sfumato samplers only")

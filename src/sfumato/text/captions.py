@@ -148,19 +148,22 @@ def digit_attributes(images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def attribute_thresholds(images: torch.Tensor, labels: torch.Tensor | None = None,
-                         num_classes: int | None = None) -> dict[str, torch.Tensor]:
+                         num_classes: int | None = None,
+                         attrs: Mapping[str, torch.Tensor] | None = None
+                         ) -> dict[str, torch.Tensor]:
     """The 1/3 and 2/3 quantiles of each attribute over a (training) set of images.
 
     Args:
         images: (N, 1, H, W) in [-1, 1].
         labels: (N,) class labels for per-class thresholds, or None for global ones.
         num_classes: number of classes (default ``labels.max() + 1``).
+        attrs: :func:`digit_attributes` of ``images`` when already measured.
 
     Returns:
         ``{name: (2,)}`` (global) or ``{name: (K, 2)}`` (per class; a class with no images
         gets the global thresholds).
     """
-    attrs = digit_attributes(images)
+    attrs = digit_attributes(images) if attrs is None else attrs
     q = torch.tensor([1 / 3, 2 / 3])
     glob = {k: torch.quantile(v, q) for k, v in attrs.items()}
     if labels is None:

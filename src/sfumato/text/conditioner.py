@@ -85,14 +85,17 @@ class TextConditioner:
             generator: torch.Generator) -> TextConditioner:
         """Caption every image (N, 1, H, W) with labels (N,) and encode the distinct captions."""
         attrs = digit_attributes(images)
-        thr = attribute_thresholds(images, labels, num_classes)
+        thr = attribute_thresholds(images, labels, num_classes, attrs=attrs)
         caps = make_captions(labels, attrs, thr, generator, n_variants=self.cfg["n_variants"],
                              keep=self.cfg["keep"])
         self.captions = list(dict.fromkeys(c for row in caps for c in row))
-        index = {c: i for i, c in enumerate(self.captions)}
+        if self.kind == "minilm":  # rows index the cache's own table: no second copy of it
+            self._encode(self.captions)
+            index, self.table = self._cache.index, (self._cache.states, self._cache.mask)
+        else:
+            index = {c: i for i, c in enumerate(self.captions)}
+            self.table = self._encode(self.captions)
         self.rows = torch.tensor([[index[c] for c in row] for row in caps], dtype=torch.long)
-        self.table = self._encode(self.captions)
-        self.thresholds = thr
         return self
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
