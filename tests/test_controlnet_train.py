@@ -101,3 +101,12 @@ def test_controlnet_config_errors(runs, tmp_path):
     cfg["model"]["hint"] = "edgez"
     with pytest.raises(ValueError, match="edges"):
         Trainer(cfg, tmp_path / "y", progress=False)
+
+
+def test_hint_defaults_to_edges_and_is_saved(runs, tmp_path):
+    cfg = control_cfg(runs / "base", steps=1)
+    del cfg["model"]["hint"]
+    Trainer(cfg, tmp_path / "c", progress=False).run()
+    _, _, saved = load_checkpoint(tmp_path / "c", stems=("ema",))
+    assert saved["model"]["hint"] == "edges"
+    assert sfumato.load(tmp_path / "c").hint == "edges"  # still known as a ControlNet run

@@ -136,6 +136,7 @@ class Trainer:
         self.data = get_dataset(self.cfg["data"])
         self.x_train = self.data.train
         self.y_train = getattr(self.data, "labels", None)
+        base_weights = self._resolve_control_base()
         model_cfg = dict(self.cfg["model"])
         nc = getattr(self.data, "num_classes", None)
         self.is_classifier = self.cfg["objective"]["target"] == "classifier"
@@ -150,8 +151,9 @@ class Trainer:
                                  f"(got {model_cfg['type']!r})")
         if (model_cfg.pop("conditional", False) or self.is_classifier) and nc:
             model_cfg["num_classes"] = nc
-        base_weights = self._resolve_control_base(model_cfg)
         self.hint = model_cfg.get("hint") if model_cfg["type"] == "controlnet" else None
+        if self.hint and model_cfg["base"].get("num_classes"):  # a class-conditional base
+            model_cfg["num_classes"] = model_cfg["base"]["num_classes"]
         if self.hint:
             self.hint_cond(self.x_train[:1])  # an unknown hint name fails here
         self._setup_text()
@@ -178,11 +180,13 @@ class Trainer:
         self.progress = progress and self.rank == 0
         self._resume()
 
-    def _resolve_control_base(self, model_cfg: dict) -> dict | None:
+    def _resolve_control_base(self) -> dict | None:
         """For ``model.type = "controlnet"`` with ``base`` naming a run directory: read that
         run, put its network config into ``model.base`` (the checkpoint then rebuilds without
-        it) and its objective into ``objective`` (the ControlNet learns the base's own loss),
-        and return its EMA weights. None otherwise."""
+        it), ``hint`` (default "edges") into ``model`` and its objective into ``objective``
+        (the ControlNet learns the base's own loss), and return its EMA weights. None
+        otherwise."""
+        model_cfg = self.cfg["model"]
         if model_cfg["type"] != "controlnet" or not isinstance(model_cfg.get("base"), str):
             return None
         base_dir = Path(model_cfg["base"])
@@ -198,13 +202,9 @@ class Trainer:
             raise ValueError(f"the base run {base_dir} was trained on data of shape "
                              f"{state.get('data_shape')}, this data set is "
                              f"{list(self.x_train.shape[1:])}")
-        model_cfg["base"] = base_model
-        self.cfg["model"] = {**self.cfg["model"], "base": base_model}
+        self.cfg["model"] = {"hint": "edges", **model_cfg, "base": base_model}
         self.cfg["objective"] = {**base_cfg["objective"],
                                  "label_dropout": self.cfg["objective"]["label_dropout"]}
-        model_cfg.setdefault("hint", "edges")
-        if base_model.get("num_classes"):
-            model_cfg["num_classes"] = base_model["num_classes"]
         return tensors["ema"]
 
     def _setup_text(self) -> None:
