@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -150,8 +151,38 @@ def test_summary_and_table():
     s = bench.summarize(res, [5])[5]
     assert s["sfumato"] == "b / karras" and s["diffusers"] == "X"
     assert s["ratio"] == pytest.approx(0.25)
+    assert s["ratio_ci"] is None  # no per-sample errors given
     table = bench.format_table(res, [5])
     assert "NaN" in table and "5.00e-02" in table
+
+
+def test_ratio_interval_is_a_paired_bootstrap():
+    g = torch.Generator().manual_seed(0)
+    b = torch.rand(512, generator=g, dtype=torch.float64) ** (-1 / 1.5) * 1e-4  # Pareto tails
+    lo, hi = bench.ratio_interval(0.25 * b, b)  # same samples, 4x smaller squared errors
+    assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    a = torch.rand(512, generator=g, dtype=torch.float64) * b  # a < b sample by sample
+    lo, hi = bench.ratio_interval(a, b)
+    ratio = float((a.mean() / b.mean()).sqrt())
+    assert lo < ratio < hi < 1.0 and hi - lo > 0.01
+    # a larger level widens it; the same seed repeats it
+    lo9, hi9 = bench.ratio_interval(a, b, level=0.99)
+    assert lo9 <= lo and hi9 >= hi and bench.ratio_interval(a, b) == (lo, hi)
+    with pytest.raises(ValueError, match="per-sample"):
+        bench.ratio_interval(a, b[:10])
+
+
+def test_summary_interval_comes_from_the_two_best_methods(problem):
+    res = [bench.run_sfumato(problem, "unipc", "karras", 10),
+           bench.run_sfumato(problem, "euler", "karras", 10)]
+    res[1] = dataclasses.replace(res[1], family="diffusers")  # stands in for diffusers
+    s = bench.summarize(res, [10])[10]
+    assert res[0].sample_mse.shape == (problem.x_start.shape[0],)
+    assert float(res[0].sample_mse.mean().sqrt()) == pytest.approx(res[0].error)
+    lo, hi = s["ratio_ci"]
+    assert lo <= s["ratio"] <= hi
+    assert "bootstrap interval" in bench.format_summary({10: s})
+    assert "sample_mse" not in res[0].to_dict()
 
 
 # ---------------------------------------------------------------------------------------

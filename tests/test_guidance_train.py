@@ -87,6 +87,20 @@ def test_api_guidance_changes_samples(runs):
                        plain)
 
 
+def test_config_guidance_is_the_default_scale(runs):
+    """``sample.guidance`` in the run's config is what sample() uses when not told; an
+    explicit scale (1 included) overrides it."""
+    model = sfumato.load(runs / "gen")
+    assert model.config["sample"]["guidance"] == 1.0
+    plain = model.sample(6, steps=3)
+    assert model.last_guidance == 1.0
+    model.config["sample"]["guidance"] = 2.0
+    assert torch.equal(model.sample(6, steps=3), model.sample(6, steps=3, guidance=2.0))
+    assert model.last_guidance == 2.0
+    assert (model.sample(6, steps=3) - plain).abs().max() > 1e-6
+    assert torch.equal(model.sample(6, steps=3, guidance=1.0), plain)
+
+
 def test_cli_guidance_kinds(runs, capsys):
     plain = _sample(runs, "plain")
     assert _sample(runs, "cfg", "--guidance", "3").shape == plain.shape

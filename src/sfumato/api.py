@@ -38,6 +38,9 @@ class Model:
         self.hint = config["model"].get("hint") if config["model"]["type"] == "controlnet" \
             else None
         self._text = None
+        #: labels and guidance scale of the last :meth:`sample` call
+        self.last_labels: torch.Tensor | None = None
+        self.last_guidance: float | None = None
 
     @property
     def text(self):
@@ -90,7 +93,7 @@ class Model:
     @torch.no_grad()
     def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None,
                seed: int = 0, class_labels: torch.Tensor | int | None = None,
-               grid: str | None = None, guidance: float = 1.0,
+               grid: str | None = None, guidance: float | None = None,
                classifier: Model | None = None, autoguide: Model | None = None,
                guidance_interval: tuple[float, float] | None = None,
                guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
@@ -100,7 +103,9 @@ class Model:
 
         A class-conditional model (or any model guided by a classifier) with
         ``class_labels=None`` samples the classes evenly (labels ``arange(n) % num_classes``,
-        available as ``self.last_labels``). Guidance arguments: see :meth:`guided`.
+        available as ``self.last_labels``). Guidance arguments: see :meth:`guided`;
+        ``guidance=None`` uses the run's default scale, ``config["sample"]["guidance"]`` (1 =
+        no guidance unless the config says otherwise).
         ``hint`` (n or 1, C, H, W) in [-1, 1] steers a ControlNet run (see
         :mod:`sfumato.control` for making one from images); without it a ControlNet run
         samples its base model. ``prompt`` (one string, or n) conditions a text model; without
@@ -111,6 +116,9 @@ class Model:
                     if v is not None})
         if sampler_kwargs:
             cfg["kwargs"] = sampler_kwargs
+        if guidance is None:
+            guidance = float(self.config["sample"].get("guidance", 1.0))
+        self.last_guidance = guidance
         den = self.guided(guidance, classifier=classifier, autoguide=autoguide,
                           interval=guidance_interval, rescale=guidance_rescale)
         nc = self.num_classes or (classifier.num_classes if classifier is not None else None)

@@ -212,7 +212,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         cpu_s = "?" if cpu is None else f"{cpu / 60:.1f}"
         print(f"| {r['step']} | {cpu_s} | {r['fd']:.2f} | {r['fd_floor']:.2f} | "
               f"{r['fd_ratio']:.2f} | {acc} |", flush=True)
-    write_json_atomic(run / "evaluation.json", {"n": args.n, "guidance": args.guidance,
+    write_json_atomic(run / "evaluation.json", {"n": args.n, "guidance": model.last_guidance,
                                                 "rows": rows})
     print(f"wrote {run / 'evaluation.json'}")
     return 0
@@ -289,9 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed (sample i depends only on it)")
     p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
                    help="class label for a class-conditional model")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="guidance scale (1 = none): classifier-free for a conditional model, "
-                        "or the scale of --classifier / --autoguide")
+                        "or the scale of --classifier / --autoguide (default: the run's "
+                        "config, sample.guidance)")
     p.add_argument("--classifier", metavar="DIR", default=None,
                    help="classifier guidance with this noise-conditional classifier run")
     p.add_argument("--autoguide", metavar="DIR", default=None,
@@ -323,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), metavar="NAME")
     p.add_argument("--steps", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=12345)
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance scale (conditional runs)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance scale of a conditional run (default: the "
+                        "run's config, sample.guidance)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="train the default digits model, sample and score it",

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
         "sigma_min": 0.002,
         "sigma_max": 80.0,
         "n_grid": 64,
+        "guidance": 1.0,            # default guidance scale of 'sfumato sample' / Model.sample
     },
 }
 
