@@ -69,3 +69,8 @@ def test_evaluate(run, capsys):
     ck = run / "run" / "checkpoint"  # a checkpoint folder works too
     assert main(["evaluate", str(ck), "--n", "30", "--steps", "2", "--guidance", "2"]) == 0
     assert json.loads((ck / "evaluation.json").read_text())["guidance"] == 2.0
+    # another held-out reference subset: same samples, another FD (the floor moves too)
+    assert main(["evaluate", str(ck), "--n", "30", "--steps", "2", "--ref-seed", "1"]) == 0
+    other = json.loads((ck / "evaluation.json").read_text())
+    assert other["ref_seed"] == 1 and other["guidance"] == 1.0
+    assert other["rows"][0]["fd_floor"] != rows[0]["fd_floor"]

@@ -202,7 +202,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                              guidance=args.guidance)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        m = evaluate_images(x, model.config["data"], labels=model.last_labels)
+        m = evaluate_images(x, model.config["data"], labels=model.last_labels,
+                            seed=args.ref_seed)
         cpu = model.state.get("train_cpu_seconds")
         rows.append({"step": model.state["step"], "train_cpu_minutes": cpu and cpu / 60,
                      **{k: m.get(k) for k in ("fd", "fd_floor", "fd_ratio", "accuracy",
@@ -213,6 +214,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"| {r['step']} | {cpu_s} | {r['fd']:.2f} | {r['fd_floor']:.2f} | "
               f"{r['fd_ratio']:.2f} | {acc} |", flush=True)
     write_json_atomic(run / "evaluation.json", {"n": args.n, "guidance": model.last_guidance,
+                                                "seed": args.seed, "ref_seed": args.ref_seed,
                                                 "rows": rows})
     print(f"wrote {run / 'evaluation.json'}")
     return 0
@@ -323,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every kept checkpoint (DIR/checkpoints/step-*), not just the latest")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), metavar="NAME")
     p.add_argument("--steps", type=_positive_int, default=None)
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=int, default=12345, help="sampling seed")
+    p.add_argument("--ref-seed", type=int, default=0,
+                   help="seed of the random held-out subset FD compares with (default 0)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="classifier-free guidance scale of a conditional run (default: the "
                         "run's config, sample.guidance)")
