@@ -176,6 +176,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from .api import load
+    from .data import get_dataset
     from .metrics import evaluate_images
     from .train.checkpoint import CheckpointError, find_checkpoint, write_json_atomic
 
@@ -187,7 +188,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     step = json.loads((latest / "state.json").read_text())["step"]
     if f"step-{step:08d}" not in [c.name for c in ckpts]:  # the latest is not archived yet
         ckpts.append(latest)
-    rows = []
+    rows, data = [], None
     print("| step | train CPU min | FD | FD floor | FD / floor | class accuracy |\n"
           "|---|---|---|---|---|---|")
     for ck in ckpts:
@@ -202,8 +203,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                              guidance=args.guidance)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        m = evaluate_images(x, model.config["data"], labels=model.last_labels,
-                            seed=args.ref_seed)
+        if data is None:  # once: the run's checkpoints share their data set
+            data = get_dataset(model.config["data"])
+        m = evaluate_images(x, data, labels=model.last_labels, seed=args.ref_seed)
         cpu = model.state.get("train_cpu_seconds")
         rows.append({"step": model.state["step"], "train_cpu_minutes": cpu and cpu / 60,
                      **{k: m.get(k) for k in ("fd", "fd_floor", "fd_ratio", "accuracy",
