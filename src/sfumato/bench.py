@@ -47,6 +47,11 @@ The setting
 - **NFE**: counted by wrapping the model (:class:`~sfumato.check.CountingDenoiser`); for a
   target NFE each method uses the largest step count whose counted NFE does not exceed it
   (Heun with n steps costs 2n - 1, PNDM n + 1, ...). The actual NFE is recorded.
+- **Optimised grids** (grid ``optimized``, :mod:`sfumato.calibrate`): for the samplers and
+  NFEs asked for, the grid is fitted to the model on calibration noise drawn from another seed
+  (never the benchmark's ``z``), against the same kind of reference (to sigma = 1e-4). The
+  offline cost (reference solves + trial grids) is not counted in NFE, as for any schedule
+  optimisation; :func:`summarize` also reports the best sfumato method without them.
 - **Stochastic samplers** (``sfumato.samplers.STOCHASTIC``, diffusers' ancestral/SDE
   schedulers) do not converge to the ODE solution and are left out. The adaptive ``rk45``
   sampler, whose NFE is set by a tolerance, gets its own rows and is not in the best-of.
@@ -74,6 +79,7 @@ from typing import Any
 import torch
 
 from . import sigmas as grids
+from .calibrate import OptimizedSigmas, optimize_sigmas
 from .check import CountingDenoiser, reference_ode, rms
 from .process import VPDiscrete
 from .samplers import SAMPLERS, STOCHASTIC, get_sampler
@@ -90,6 +96,7 @@ __all__ = [
     "start_state",
     "sfumato_grid",
     "DATA_GRIDS",
+    "OPTIMIZED",
     "deterministic_samplers",
     "parse_sampler",
     "run_sfumato",
@@ -116,6 +123,10 @@ __all__ = [
 
 DEFAULT_NFES = (5, 10, 20, 50)
 REF_SIGMA = 1e-4  # the reference ODE stops here, then takes D(x, REF_SIGMA)
+#: grid name of the per-(sampler, NFE) optimised grids (not a :data:`GRIDS` builder)
+OPTIMIZED = "optimized"
+CALIBRATION_SAMPLES = 4096  # calibration draws of an optimised grid (see sfumato.calibrate)
+CALIBRATION_SEED = 7_000_003  # + the problem's seed: calibration noise, apart from z
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,6 +185,7 @@ class Problem:
     reference: torch.Tensor
     ref_accuracy: float
     info: dict[str, Any] = field(default_factory=dict)
+    _optimized: dict[tuple, OptimizedSigmas] = field(default_factory=dict, repr=False)
 
     @property
     def sigma_max(self) -> float:
@@ -189,6 +201,22 @@ class Problem:
     @property
     def sigma_min(self) -> float:
         return self.process.sigma_min
+
+    def optimized_grid(self, sampler: str, n: int,
+                       samples: int = CALIBRATION_SAMPLES) -> OptimizedSigmas:
+        """The ``n``-step grid of ``sampler`` (a :func:`parse_sampler` spec) fitted to this
+        model by :func:`sfumato.calibrate.optimize_sigmas` from ``gaussian_lte``, on
+        ``samples`` calibration draws seeded apart from the benchmark's noise; cached."""
+        key = (sampler, n, samples)
+        cache = self._optimized
+        if key not in cache:
+            base, kwargs = parse_sampler(sampler)
+            cache[key] = optimize_sigmas(
+                self.model, base, n, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                shape=self.model.event_shape, sampler_kwargs=kwargs, samples=samples,
+                generator=torch.Generator().manual_seed(CALIBRATION_SEED + self.info["seed"]),
+                init=sfumato_grid("gaussian_lte", self.process, n), ref_sigma=REF_SIGMA)
+        return cache[key]
 
 
 def add_problem_arguments(parser, *, mixture: str, batch_type: Callable[[str], int] = int,
@@ -450,11 +478,15 @@ def _steps_for_nfe(nfe_of: Callable[[int], int], target: int) -> tuple[int, int]
 
 
 def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
-                nfe_cache: dict[tuple[str, int], int] | None = None) -> Result:
+                nfe_cache: dict[tuple[str, int], int] | None = None,
+                calibration_samples: int = CALIBRATION_SAMPLES) -> Result:
     """Run sfumato ``sampler`` on ``grid`` with the largest step count costing <= ``nfe``.
 
     The step count is found by counting calls on a one-sample dry run; ``nfe_cache`` (keyed by
     (sampler, steps)) shares those counts between grids, and the real run's count is checked.
+    ``grid`` :data:`OPTIMIZED` fits the grid for (sampler, steps) first
+    (:meth:`Problem.optimized_grid` with ``calibration_samples`` draws; a fixed-grid sampler's
+    NFE does not depend on the levels, so the count uses a log-linear grid).
     Raises NotImplementedError if the sampler is not implemented yet (callers skip it).
     """
     base, kwargs = parse_sampler(sampler)
@@ -465,7 +497,8 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
     def nfe_of(n: int, cache: dict | None = nfe_cache) -> int:
         if cache is not None and (sampler, n) in cache:
             return cache[(sampler, n)]
-        sig = sfumato_grid(grid, problem.process, n, problem.data_std)
+        sig = sfumato_grid("loglinear" if grid == OPTIMIZED else grid, problem.process, n,
+                           problem.data_std)
         x1 = start_state(problem, float(sig[0]))[:1]
         k = _count_nfe(lambda m: fn(m, x1, sig), problem.model)
         if cache is not None:
@@ -480,7 +513,14 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
                 return Result(name, "sfumato", nfe, status="n/a",
                               note="one step costs more NFE", config=conf)
             n = found[0]
-            sig = sfumato_grid(grid, problem.process, n, problem.data_std)
+            if grid == OPTIMIZED:
+                fit = problem.optimized_grid(sampler, n, calibration_samples)
+                sig = fit.sigmas
+                conf["calibration"] = {k: v for k, v in fit.to_dict().items()
+                                       if k not in ("sigmas", "init_sigmas")}
+                conf["calibration"]["samples"] = calibration_samples
+            else:
+                sig = sfumato_grid(grid, problem.process, n, problem.data_std)
             counter = CountingDenoiser(problem.model)
             out = fn(counter, start_state(problem, float(sig[0])), sig)
         except NotImplementedError:
@@ -901,18 +941,25 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
                   nfes: Sequence[int] = DEFAULT_NFES, rk45: bool = True,
                   sigma_source: str = "scheduler", progress: bool | Any = False,
                   log: Callable[[str], None] | None = print,
-                  desc: str = "benchmark") -> dict[str, Any]:
+                  desc: str = "benchmark", optimize: Iterable[str] = (),
+                  optimize_nfes: Iterable[int] | None = None,
+                  calibration_samples: int = CALIBRATION_SAMPLES) -> dict[str, Any]:
     """Run every (method, NFE) cell; returns ``{'results': [...], 'notes': [...], ...}``.
 
     ``samplers`` defaults to :func:`deterministic_samplers`, ``grids_`` to every grid in
     :data:`GRIDS`, ``diffusers`` to none (pass :func:`diffusers_configs`; duplicates are
     dropped by :func:`dedupe_diffusers`). Samplers that raise NotImplementedError are skipped
     with a note. ``progress``: True for a tqdm bar (on stderr).
+
+    ``optimize``: samplers that also run on their :data:`OPTIMIZED` grid, fitted at each NFE in
+    ``optimize_nfes`` (default: all) on ``calibration_samples`` draws; other NFEs are skipped.
     """
     nfes = check_nfes(nfes)
     samplers = list(deterministic_samplers() if samplers is None else samplers)
     grid_names = list(GRIDS if grids_ is None else grids_)
-    _check_choices(samplers, grid_names)
+    optimize = list(optimize)
+    optimize_nfes = set(nfes if optimize_nfes is None else optimize_nfes)
+    _check_choices(samplers + optimize, grid_names)
     notes: list[str] = []
     cfgs = list(diffusers or [])
     if cfgs:
@@ -920,6 +967,13 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
         notes += dup_notes
     tasks = [_Task("sfumato", s, g) for s in samplers if _base(s) != "rk45"
              for g in grid_names]
+    tasks += [_Task("sfumato", s, OPTIMIZED) for s in optimize]
+    if optimize:
+        notes.append(f"{OPTIMIZED} grids: fitted per sampler and NFE by "
+                     f"sfumato.calibrate.optimize_sigmas on {calibration_samples} calibration "
+                     "draws (another seed than the benchmark's noise), starting from "
+                     "gaussian_lte; the offline cost (per calibration draw) is in the JSON, "
+                     "not in the NFE")
     if rk45 and "rk45" in SAMPLERS:
         tasks.append(_Task("rk45", "rk45"))
     tasks += [_Task("diffusers", c.name, c) for c in cfgs]
@@ -947,8 +1001,13 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
                     bar.update(len(nfes))
                 continue
             for k in nfes:
-                if task.kind == "sfumato":
-                    results.append(run_sfumato(problem, task.key, task.arg, k, nfe_cache))
+                if task.arg == OPTIMIZED and k not in optimize_nfes:
+                    results.append(Result(f"{task.key} / {OPTIMIZED}", "sfumato", k,
+                                          status="skipped", note="not optimised at this NFE",
+                                          config={"sampler": task.key, "grid": OPTIMIZED}))
+                elif task.kind == "sfumato":
+                    results.append(run_sfumato(problem, task.key, task.arg, k, nfe_cache,
+                                               calibration_samples))
                 else:
                     results.append(run_diffusers(problem, task.arg, k,
                                                  sigma_source=sigma_source))
@@ -1041,13 +1100,19 @@ def ratio_interval(a: torch.Tensor, b: torch.Tensor, level: float = 0.9,
 def summarize(results: Sequence[Result], nfes: Sequence[int]) -> dict[int, dict[str, Any]]:
     """Per NFE: best sfumato (fixed-grid samplers only), best diffusers, their ratio and the
     ratio's 90 % paired bootstrap interval ``ratio_ci`` (:func:`ratio_interval`; None when
-    per-sample errors are missing)."""
+    per-sample errors are missing); when optimised grids ran, also the best sfumato method
+    without them (``sfumato_generic``, ``sfumato_generic_error``, ``ratio_generic``)."""
     out: dict[int, dict[str, Any]] = {}
     for k in nfes:
         row: dict[str, Any] = {}
         best: dict[str, Result] = {}
         for fam in ("sfumato", "diffusers"):
             cands = [r for r in results if r.family == fam and r.nfe_target == k and r.valid]
+            generic = [r for r in cands if r.config.get("grid") != OPTIMIZED]
+            if fam == "sfumato" and len(generic) < len(cands):
+                g = min(generic, key=lambda r: r.error) if generic else None
+                row["sfumato_generic"] = g and g.method
+                row["sfumato_generic_error"] = g and g.error
             if cands:
                 b = best[fam] = min(cands, key=lambda r: r.error)
                 row[fam], row[f"{fam}_error"], row[f"{fam}_nfe"] = b.method, b.error, b.nfe
@@ -1055,6 +1120,8 @@ def summarize(results: Sequence[Result], nfes: Sequence[int]) -> dict[int, dict[
                 row[fam], row[f"{fam}_error"], row[f"{fam}_nfe"] = None, None, None
         se, de = row["sfumato_error"], row["diffusers_error"]
         row["ratio"] = se / de if se is not None and de else None
+        if row.get("sfumato_generic_error") is not None and de:
+            row["ratio_generic"] = row["sfumato_generic_error"] / de
         mses = [best[f].sample_mse for f in best]  # both present whenever ratio is
         row["ratio_ci"] = (ratio_interval(*mses) if row["ratio"] is not None
                            and None not in mses else None)
@@ -1097,6 +1164,10 @@ def format_summary(summary: dict[int, dict[str, Any]]) -> str:
         if row.get("ratio_ci"):
             ratio += " (90% bootstrap interval {:.2f}-{:.2f})".format(*row["ratio_ci"])
         lines.append(f"NFE {k:>3}: best sfumato {s}  |  best diffusers {d}  |  ratio {ratio}")
+        if row.get("ratio_generic") is not None:
+            lines.append(f"         without {OPTIMIZED} grids: {row['sfumato_generic']} "
+                         f"({row['sfumato_generic_error']:.2e})  |  ratio "
+                         f"{row['ratio_generic']:.3f}")
     return "\n".join(lines)
 
 
@@ -1216,15 +1287,17 @@ def compare(out: str | Path = "sfumato-compare", *, nfes: Sequence[int] = (5, 10
             grids_: Sequence[str] | None = None, mixture: str = "img1",
             schedule: str = "scaled_linear", batch: int = 128, use_diffusers: bool = True,
             quick: bool = False, progress: bool = True, threads: int | None = 1,
-            log: Callable[[str], None] | None = print) -> dict[str, Any]:
+            log: Callable[[str], None] | None = print,
+            optimize: Sequence[str] = ()) -> dict[str, Any]:
     """A small sfumato-vs-diffusers comparison; writes ``out/compare.png`` (error vs NFE,
     log-log) and ``out/compare.json``, and returns the JSON payload plus ``'table'``,
     ``'summary'`` (printable text) and ``'results'``.
 
     Runs :data:`COMPARE_SAMPLERS` x :data:`COMPARE_GRIDS` and, if diffusers is installed, a few
     strong diffusers configurations (:func:`diffusers_configs` ``'small'``) on a small problem.
-    ``quick`` uses fewer samples and a coarser reference (for tests). Raises ValueError for
-    bad input (unknown sampler/grid/mixture, non-positive NFE).
+    ``optimize``: samplers that also run on their :data:`OPTIMIZED` grid (1024 calibration
+    draws). ``quick`` uses fewer samples, a coarser reference and 64 calibration draws (for
+    tests). Raises ValueError for bad input (unknown sampler/grid/mixture, non-positive NFE).
     """
     t0 = time.perf_counter()
     nfes = check_nfes(nfes)
@@ -1254,7 +1327,8 @@ def compare(out: str | Path = "sfumato-compare", *, nfes: Sequence[int] = (5, 10
                                ref_steps=200 if quick else 400)
         bench = run_benchmark(problem, samplers=samplers, grids_=grid_names, diffusers=cfgs,
                               nfes=nfes, rk45=False, progress=progress, log=log,
-                              desc="sfumato compare")
+                              desc="sfumato compare", optimize=optimize,
+                              calibration_samples=64 if quick else 1024)
     results: list[Result] = bench["results"]
     notes += bench["notes"]
     notes.append("stochastic samplers are left out: they do not converge to the ODE solution")

@@ -56,7 +56,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.out, nfes=args.nfe, seed=args.seed, samplers=args.samplers, grids_=args.grids,
         mixture=args.mixture, schedule=args.schedule, batch=args.batch,
         use_diffusers=not args.no_diffusers, quick=args.quick,
-        progress=not args.no_progress,
+        progress=not args.no_progress, optimize=args.optimize,
     )
     info = payload["problem"]
     print(f"problem: {info['mixture']} ({info['mixture_desc']}), VP {info['schedule']} "
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_problem_arguments(p, mixture="img1", batch_type=_positive_int)
     p.add_argument("--quick", action="store_true",
                    help="fewer samples and a coarser reference (a few seconds)")
+    p.add_argument("--optimize", nargs="+", metavar="NAME", default=(),
+                   help="also run these samplers on a sigma grid optimised for the model "
+                        "(sfumato.calibrate; 1024 calibration draws, 64 with --quick)")
     p.add_argument("--no-diffusers", action="store_true", help="sfumato samplers only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
