@@ -94,6 +94,7 @@ def test_benchmark_runs_optimised_grids_only_where_asked():
     rows = {(r.method, r.nfe_target): r for r in out["results"]}
     opt5, opt10 = rows[("unipc_bh1 / optimized", 5)], rows[("unipc_bh1 / optimized", 10)]
     assert opt5.valid and opt5.nfe == 5 and opt5.config["calibration"]["samples"] == 64
+    assert len(opt5.config["calibration"]["sigmas"]) == 6  # the grid it ran, for the JSON
     assert opt10.status == "skipped"
     assert any("calibration draws" in n for n in out["notes"])
     # the summary names the best method with and without optimised grids

@@ -516,9 +516,7 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
             if grid == OPTIMIZED:
                 fit = problem.optimized_grid(sampler, n, calibration_samples)
                 sig = fit.sigmas
-                conf["calibration"] = {k: v for k, v in fit.to_dict().items()
-                                       if k not in ("sigmas", "init_sigmas")}
-                conf["calibration"]["samples"] = calibration_samples
+                conf["calibration"] = {**fit.to_dict(), "samples": calibration_samples}
             else:
                 sig = sfumato_grid(grid, problem.process, n, problem.data_std)
             counter = CountingDenoiser(problem.model)
@@ -972,8 +970,8 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
         notes.append(f"{OPTIMIZED} grids: fitted per sampler and NFE by "
                      f"sfumato.calibrate.optimize_sigmas on {calibration_samples} calibration "
                      "draws (another seed than the benchmark's noise), starting from "
-                     "gaussian_lte; the offline cost (per calibration draw) is in the JSON, "
-                     "not in the NFE")
+                     "gaussian_lte; the grid and its offline cost (calls per calibration draw) "
+                     "are in the JSON, not in the NFE")
     if rk45 and "rk45" in SAMPLERS:
         tasks.append(_Task("rk45", "rk45"))
     tasks += [_Task("diffusers", c.name, c) for c in cfgs]
@@ -1111,8 +1109,8 @@ def summarize(results: Sequence[Result], nfes: Sequence[int]) -> dict[int, dict[
             generic = [r for r in cands if r.config.get("grid") != OPTIMIZED]
             if fam == "sfumato" and len(generic) < len(cands):
                 g = min(generic, key=lambda r: r.error) if generic else None
-                row["sfumato_generic"] = g and g.method
-                row["sfumato_generic_error"] = g and g.error
+                row["sfumato_generic"] = g.method if g else None
+                row["sfumato_generic_error"] = g.error if g else None
             if cands:
                 b = best[fam] = min(cands, key=lambda r: r.error)
                 row[fam], row[f"{fam}_error"], row[f"{fam}_nfe"] = b.method, b.error, b.nfe
