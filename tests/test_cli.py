@@ -74,3 +74,30 @@ def test_evaluate(run, capsys):
     other = json.loads((ck / "evaluation.json").read_text())
     assert other["ref_seed"] == 1 and other["guidance"] == 1.0
     assert other["rows"][0]["fd_floor"] != rows[0]["fd_floor"]
+
+
+def test_optimize_grid_then_sample_with_it(run, capsys):
+    grid = run / "grid.json"
+    assert main(["optimize-grid", str(run / "run"), "--steps", "3", "--sampler", "unipc_bh1",
+                 "--samples", "48", "--batch-size", "32", "--out", str(grid)]) == 0
+    data = json.loads(grid.read_text())
+    s = data["sigmas"]
+    assert data["sampler"] == "unipc_bh1" and len(s) == 4 and s[-1] == 0
+    assert all(a > b for a, b in zip(s, s[1:], strict=False))
+    assert data["error"] <= data["init_error"] and data["nfe"] > 801
+    assert "calibration error" in capsys.readouterr().out
+    out = run / "opt.npz"
+    assert main(["sample", str(run / "run"), "--n", "4", "--sigmas", str(grid),
+                 "--out", str(out)]) == 0
+    # the same as passing the grid and its sampler to the API
+    from sfumato.api import load
+
+    model = load(run / "run")
+    x = model.sample(4, sampler="unipc_bh1", sigmas=s)
+    assert (np.load(out)["images"] == model.to_uint8(x)).all()
+    bad = run / "bad.json"
+    bad.write_text('{"levels": [1, 0]}')
+    assert main(["sample", str(run / "run"), "--sigmas", str(bad), "--out", str(out)]) == 2
+    assert "not a grid file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="decreasing"):
+        model.sample(2, sigmas=[1.0, 2.0, 0.0])

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibrate import OptimizedSigmas, optimize_sigmas
 from .data.base import to_uint8 as data_to_uint8
 from .samplers._api import sample_from
 
@@ -98,6 +99,7 @@ class Model:
                guidance_interval: tuple[float, float] | None = None,
                guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
                control_scale: float = 1.0, prompt: str | Sequence[str] | None = None,
+               sigmas: torch.Tensor | Sequence[float] | None = None,
                **sampler_kwargs) -> torch.Tensor:
         """n samples as a float tensor (n, *data_shape) in the data range.
 
@@ -109,18 +111,57 @@ class Model:
         ``hint`` (n or 1, C, H, W) in [-1, 1] steers a ControlNet run (see
         :mod:`sfumato.control` for making one from images); without it a ControlNet run
         samples its base model. ``prompt`` (one string, or n) conditions a text model; without
-        it a text model samples "the digit k" for k = 0, 1, ... in turn.
+        it a text model samples "the digit k" for k = 0, 1, ... in turn. ``sigmas``: an
+        explicit grid (e.g. :meth:`optimize_sigmas`' ``.sigmas``) instead of steps and grid.
         """
         cfg = dict(self.config["sample"])
         cfg.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("grid", grid))
                     if v is not None})
         if sampler_kwargs:
             cfg["kwargs"] = sampler_kwargs
+        if sigmas is not None:
+            cfg["sigmas"] = sigmas
+        den, class_labels, cond = self._conditioning(
+            n, class_labels, guidance, classifier=classifier, autoguide=autoguide,
+            interval=guidance_interval, rescale=guidance_rescale, hint=hint,
+            control_scale=control_scale, prompt=prompt)
+        return sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device,
+                           class_labels=class_labels, **cond)
+
+    def optimize_sigmas(self, steps: int, *, sampler: str | None = None, samples: int = 1024,
+                        seed: int = 1, guidance: float | None = None, ref_steps: int = 200,
+                        batch_size: int | None = None, **sampler_kwargs) -> OptimizedSigmas:
+        """A ``steps``-step grid for ``sampler`` (default: the run's) fitted to this model by
+        :func:`sfumato.calibrate.optimize_sigmas` over the run's noise range, on ``samples``
+        calibration draws from ``seed`` (conditioned as :meth:`sample` would: classes evenly,
+        the run's guidance scale unless ``guidance`` is given). Use the result with
+        ``sample(..., sigmas=fit.sigmas)``. Costs ``4 ref_steps + 1`` denoiser calls per draw
+        for the targets plus ``steps`` per draw per trial grid (see the module)."""
+        cfg = self.config["sample"]
+        den, labels, cond = self._conditioning(samples, None, guidance)
+        if labels is not None:
+            cond["class_labels"] = labels.to(self.device)
+        return optimize_sigmas(
+            den, sampler or cfg.get("sampler", "heun"), steps,
+            sigma_min=float(cfg.get("sigma_min", 0.002)),
+            sigma_max=float(cfg.get("sigma_max", 80.0)), shape=self.shape,
+            generator=torch.Generator().manual_seed(seed), samples=samples,
+            ref_steps=ref_steps, batch_size=batch_size, device=self.device,
+            sampler_kwargs=sampler_kwargs or cfg.get("kwargs"), cond=cond)
+
+    def _conditioning(self, n: int, class_labels: torch.Tensor | int | None,
+                      guidance: float | None, *, classifier: Model | None = None,
+                      autoguide: Model | None = None,
+                      interval: tuple[float, float] | None = None, rescale: float = 0.0,
+                      hint: torch.Tensor | None = None, control_scale: float = 1.0,
+                      prompt: str | Sequence[str] | None = None) -> tuple:
+        """(denoiser, class labels or None, other conditioning) for n samples, as
+        :meth:`sample` describes; sets ``last_guidance`` and ``last_labels``."""
         if guidance is None:
             guidance = float(self.config["sample"].get("guidance", 1.0))
         self.last_guidance = guidance
         den = self.guided(guidance, classifier=classifier, autoguide=autoguide,
-                          interval=guidance_interval, rescale=guidance_rescale)
+                          interval=interval, rescale=rescale)
         nc = self.num_classes or (classifier.num_classes if classifier is not None else None)
         if isinstance(class_labels, int):
             class_labels = torch.full((n,), class_labels, dtype=torch.long)
@@ -134,8 +175,7 @@ class Model:
         cond = {**self._hint_cond(n, hint, control_scale), **self._text_cond(n, prompt)}
         if self.text and not self.num_classes:
             class_labels = None
-        return sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device,
-                           class_labels=class_labels, **cond)
+        return den, class_labels, cond
 
     def _hint_cond(self, n: int, hint: torch.Tensor | None, scale: float) -> dict:
         if hint is None:

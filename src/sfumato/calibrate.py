@@ -80,6 +80,11 @@ def _sampler_fn(sampler: str | Callable) -> Callable:
     return get_sampler(sampler)
 
 
+def _bind(denoiser: Callable, cond: dict[str, torch.Tensor]) -> Callable:
+    """``denoiser`` with its conditioning fixed (one chunk's rows)."""
+    return (lambda x, sigma: denoiser(x, sigma, **cond)) if cond else denoiser
+
+
 def _targets(denoiser: Callable, x: torch.Tensor, sigma_max: float, ref_sigma: float,
              ref_steps: int) -> torch.Tensor:
     y = reference_ode(denoiser, x, sigma_max, ref_sigma, steps=ref_steps)
@@ -94,7 +99,8 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
                     ref_sigma: float | None = None, max_trials: int | None = None,
                     batch_size: int | None = None, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu",
-                    sampler_kwargs: dict | None = None) -> OptimizedSigmas:
+                    sampler_kwargs: dict | None = None,
+                    cond: dict[str, torch.Tensor] | None = None) -> OptimizedSigmas:
     """Fit an ``n``-step grid for ``sampler`` (a name in ``SAMPLERS`` or a sampler function)
     to ``denoiser`` (see the module docstring for the method).
 
@@ -112,6 +118,8 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
         batch_size: calibration samples per denoiser call (default: all at once).
         dtype, device: of the calibration tensors.
         sampler_kwargs: the sampler's own options (e.g. ``{"order": 2}``).
+        cond: conditioning for the denoiser, tensors with ``samples`` rows (e.g. class labels
+            spread over the classes); each calibration draw gets its row.
 
     Returns:
         :class:`OptimizedSigmas` with the grid and the calibration errors before and after.
@@ -134,6 +142,10 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
         raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
     if samples < 1 or ref_steps < 1:
         raise ValueError(f"samples and ref_steps must be positive; got {samples}, {ref_steps}")
+    for k, v in (cond or {}).items():
+        if not torch.is_tensor(v) or v.shape[:1] != (samples,):
+            raise ValueError(f"cond[{k!r}] must be a tensor with samples = {samples} rows; got "
+                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
     ref_sigma = sigma_min if ref_sigma is None else float(ref_sigma)
     if not 0 < ref_sigma <= sigma_min:
         raise ValueError(f"ref_sigma must be in (0, sigma_min={sigma_min}]; got {ref_sigma}")
@@ -150,8 +162,9 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
     x = (float(init[0]) * z).to(dtype=dtype, device=device)
     bs = batch_size or samples
     chunks = [slice(i, i + bs) for i in range(0, samples, bs)]
-    target = torch.cat([_targets(counted, x[c], float(init[0]), ref_sigma, ref_steps)
-                        for c in chunks])
+    models = [_bind(counted, {k: v[c] for k, v in (cond or {}).items()}) for c in chunks]
+    target = torch.cat([_targets(m, x[c], float(init[0]), ref_sigma, ref_steps)
+                        for m, c in zip(models, chunks, strict=True)])
 
     top, lo = math.log(float(init[0])), math.log(sigma_min)
     trials = [0]
@@ -166,7 +179,8 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
         if any(b > a - 1e-3 for a, b in zip([top, *u[:-1]], u, strict=True)):  # not decreasing
             return math.inf
         sig = grid_of(u)
-        sq = sum(float(((fn(counted, x[c], sig, **kw) - target[c]) ** 2).sum()) for c in chunks)
+        sq = sum(float(((fn(m, x[c], sig, **kw) - target[c]) ** 2).sum())
+                 for m, c in zip(models, chunks, strict=True))
         err = math.sqrt(sq / target.numel())
         return err if math.isfinite(err) else math.inf
 

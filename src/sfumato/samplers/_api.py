@@ -27,12 +27,14 @@ def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m
            generator: Generator = None, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu", callback: Callable | None = None,
            sampler_kwargs: dict | None = None, grid_kwargs: dict | None = None,
-           **cond) -> torch.Tensor:
+           sigmas: torch.Tensor | Sequence[float] | None = None, **cond) -> torch.Tensor:
     """Draw samples of ``shape`` (B, ...) from a σ-space denoiser.
 
     Defaults: DPM-Solver++(2M) on a Karras grid over [sigma_min, sigma_max] (EDM's 0.002..80
-    unless a ``process`` gives its trained range). ``generator`` is required (the starting
-    noise is random). Conditioning keywords go to the denoiser.
+    unless a ``process`` gives its trained range). ``sigmas`` (a decreasing grid ending in 0,
+    e.g. from :func:`sfumato.calibrate.optimize_sigmas`) replaces ``grid`` and ``steps``.
+    ``generator`` is required (the starting noise is random). Conditioning keywords go to the
+    denoiser.
     """
     from . import get_sampler
 
@@ -40,8 +42,14 @@ def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m
     if process is None:
         sigma_min = 0.002 if sigma_min is None else sigma_min
         sigma_max = 80.0 if sigma_max is None else sigma_max
-    sig = grids.get_sigmas(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                           process=process, **(grid_kwargs or {}))
+    if sigmas is not None:
+        sig = torch.as_tensor(sigmas, dtype=torch.float64)
+        if sig.ndim != 1 or len(sig) < 2 or sig[-1] != 0 or not (sig.diff() < 0).all():
+            raise ValueError("sigmas must be a decreasing 1-D grid of at least 2 values "
+                             f"ending in 0; got {sig.tolist()}")
+    else:
+        sig = grids.get_sigmas(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                               process=process, **(grid_kwargs or {}))
     x = initial_noise(shape, float(sig[0]), generator, dtype=dtype, device=device)
     return fn(denoiser, x, sig, generator=generator, callback=callback,
               **(sampler_kwargs or {}), **cond)
@@ -58,9 +66,9 @@ def per_sample_generators(seed: int, n: int, start: int = 0,
 def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int = 0,
                 device: torch.device | str = "cpu", class_labels: torch.Tensor | None = None,
                 callback=None, **cond) -> torch.Tensor:
-    """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs}, one
-    generator per sample (see :func:`sfumato.samplers.sample`); ``cond`` tensors go to the
-    denoiser."""
+    """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs, sigmas}
+    (``sigmas``, an explicit grid, replaces steps and grid), one generator per sample (see
+    :func:`sfumato.samplers.sample`); ``cond`` tensors go to the denoiser."""
     if class_labels is not None:
         cond["class_labels"] = class_labels.to(device)
     return sample(denoiser, shape, sampler=sample_cfg.get("sampler", "heun"),
@@ -68,4 +76,5 @@ def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int
                   sigma_min=sample_cfg.get("sigma_min", 0.002),
                   sigma_max=sample_cfg.get("sigma_max", 80.0),
                   generator=per_sample_generators(seed, shape[0]), device=device,
-                  callback=callback, sampler_kwargs=sample_cfg.get("kwargs"), **cond)
+                  callback=callback, sampler_kwargs=sample_cfg.get("kwargs"),
+                  sigmas=sample_cfg.get("sigmas"), **cond)
