@@ -50,9 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimize", nargs="*", default=["unipc_bh1"], metavar="SAMPLER",
                    help="samplers that also run on a grid optimised for this model "
                         "(sfumato.calibrate; default: %(default)s; none: --optimize)")
-    p.add_argument("--optimize-nfe", type=int, nargs="+", default=[5, 10],
-                   help="NFEs at which to optimise those grids (default: 5 10; each costs "
-                        "~40-130 s at 4096 calibration draws)")
+    p.add_argument("--optimize-nfe", type=int, nargs="+", default=[5, 10, 20],
+                   help="NFEs at which to optimise those grids (default: 5 10 20; each costs "
+                        "~10 s to ~6 min at 4096 calibration draws)")
+    p.add_argument("--tune", nargs="*", default=["unipc_bh1", "unipc_bh1(order=4)"],
+                   metavar="SAMPLER",
+                   help="UniPC samplers that also run with coefficients tuned to this model "
+                        "(sfumato.calibrate.tune_coefficients; default: %(default)s; none: "
+                        "--tune)")
+    p.add_argument("--tune-nfe", type=int, nargs="+", default=[5, 10, 20],
+                   help="NFEs at which to tune them (default: 5 10 20; each costs ~10-150 s)")
     p.add_argument("--calibration-samples", type=int, default=bench.CALIBRATION_SAMPLES,
                    help="calibration draws per optimised grid (default: %(default)s)")
     p.add_argument("--ref-steps", type=int, default=400,
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             problem, samplers=args.samplers, grids_=grids, diffusers=cfgs, nfes=nfes,
             rk45=not args.no_rk45, sigma_source=args.sigma_source, progress=args.progress,
             log=lambda m: print(m, flush=True), optimize=args.optimize,
-            optimize_nfes=args.optimize_nfe, calibration_samples=cal)
+            optimize_nfes=args.optimize_nfe, calibration_samples=cal, tune=args.tune,
+            tune_nfes=args.tune_nfe)
     results = bench_out["results"]
     notes += bench_out["notes"]
     notes.append("stochastic samplers are left out (they do not converge to the ODE "
@@ -147,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(r.get("ratio_generic") is not None for r in bar_rows):
             shown = ", ".join(f"{k}: {summary[k].get('ratio_generic', summary[k]['ratio']):.2f}"
                               for k in BAR_NFES if k in summary)
-            print(f"  without {bench.OPTIMIZED} grids: {shown}")
+            print(f"  without {bench.OPTIMIZED} grids or {bench.TUNED} solvers: {shown}")
     print()
     for n in notes:
         print(f"note: {n}")

@@ -246,7 +246,7 @@ def test_diffusers_configs_all_build():
 def test_compare_writes_png_and_json(tmp_path, capsys):
     rc = cli.main(["compare", "--quick", "--out", str(tmp_path), "--nfe", "5", "10", "20",
                    "--samplers", "euler", "heun", "--grids", "karras", "--mixture", "gmm2d",
-                   "--no-progress", "--optimize", "unipc_bh1"])
+                   "--no-progress", "--optimize", "unipc_bh1", "--tune", "unipc_bh1"])
     assert rc == 0
     png = (tmp_path / "compare.png").read_bytes()
     w, h = _png_size(png)
@@ -262,6 +262,8 @@ def test_compare_writes_png_and_json(tmp_path, capsys):
     assert e[0] > e[1] > e[2]
     opt = data["methods"]["unipc_bh1 / optimized"]
     assert opt["nfe_used"] == [5, 10, 20] and opt["config"]["calibration"]["samples"] == 64
+    tuned = data["methods"][f"unipc_bh1 / {bench.TUNED}"]
+    assert tuned["nfe_used"] == [5, 10, 20] and all(map(math.isfinite, tuned["errors"]))
     for k in ("5", "10", "20"):
         assert set(data["best"][k]) >= {"sfumato", "sfumato_error", "diffusers", "ratio"}
     out = capsys.readouterr().out

@@ -101,3 +101,31 @@ def test_optimize_grid_then_sample_with_it(run, capsys):
     assert "not a grid file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="decreasing"):
         model.sample(2, sigmas=[1.0, 2.0, 0.0])
+
+
+def test_optimize_grid_tune_then_sample_with_it(run, capsys):
+    """--tune writes a tabulated solver; sample --sigmas runs it, as the API does."""
+    grid = run / "tuned.json"
+    assert main(["optimize-grid", str(run / "run"), "--steps", "3", "--sampler", "unipc_bh1",
+                 "--samples", "32", "--tune", "--out", str(grid)]) == 0
+    data = json.loads(grid.read_text())
+    assert data["sampler"] == "tabulated" and data["table"]["sigmas"] == data["sigmas"]
+    assert data["tuning"]["error"] <= data["tuning"]["init_error"]
+    assert "tuned coefficients" in capsys.readouterr().out
+    out = run / "tuned.npz"
+    assert main(["sample", str(run / "run"), "--n", "4", "--sigmas", str(grid),
+                 "--out", str(out)]) == 0
+    from sfumato.api import load
+    from sfumato.samplers.tuned import StepTable
+
+    model = load(run / "run")
+    x = model.sample(4, sampler="tabulated", sigmas=data["sigmas"],
+                     table=StepTable.from_dict(data["table"]))
+    assert (np.load(out)["images"] == model.to_uint8(x)).all()
+    # a tuned file with another sampler named is refused, not silently mixed
+    assert main(["sample", str(run / "run"), "--sigmas", str(grid), "--sampler", "heun",
+                 "--out", str(out)]) == 2
+    assert "tuned solver" in capsys.readouterr().err
+    # --tune needs UniPC
+    assert main(["optimize-grid", str(run / "run"), "--steps", "3", "--sampler", "heun",
+                 "--tune", "--out", str(grid)]) == 2

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibrate import OptimizedSigmas, optimize_sigmas
+from .calibrate import OptimizedSigmas, TunedSolver, optimize_sigmas, tune_coefficients
 from .data.base import to_uint8 as data_to_uint8
 from .samplers._api import sample_from
 
@@ -148,6 +148,30 @@ class Model:
             generator=torch.Generator().manual_seed(seed), samples=samples,
             ref_steps=ref_steps, batch_size=batch_size, device=self.device,
             sampler_kwargs=sampler_kwargs or cfg.get("kwargs"), cond=cond)
+
+    def tune_solver(self, steps: int, *, variant: str = "bh1", order: int = 3,
+                    samples: int = 2048, seed: int = 2, guidance: float | None = None,
+                    sigmas: torch.Tensor | Sequence[float] | None = None,
+                    grid_samples: int = 1024, iters: int = 400) -> TunedSolver:
+        """UniPC with its ``steps``-step coefficients tuned to this model
+        (:func:`sfumato.calibrate.tune_coefficients`, ``samples`` draws from ``seed``, half
+        held out, conditioned as :meth:`sample` would), on ``sigmas`` or else on the grid
+        :meth:`optimize_sigmas` fits for ``unipc_{variant}`` (``grid_samples`` draws, seed
+        ``seed + 1``). Sample with ``sample(n, sampler="tabulated", sigmas=fit.sigmas,
+        table=fit.table)``. The denoiser is differentiated through the whole solver: memory
+        grows with the minibatch (1024 draws) times ``steps``."""
+        if sigmas is None:
+            sigmas = self.optimize_sigmas(steps, sampler=f"unipc_{variant}",
+                                          samples=grid_samples, seed=seed + 1,
+                                          guidance=guidance, order=order).sigmas
+        den, labels, cond = self._conditioning(samples, None, guidance)
+        if labels is not None:
+            cond["class_labels"] = labels.to(self.device)
+        return tune_coefficients(
+            den, torch.as_tensor(sigmas, dtype=torch.float64), shape=self.shape,
+            generator=torch.Generator().manual_seed(seed), order=order, variant=variant,
+            samples=samples, iters=iters, minibatch=min(1024, samples // 2),
+            device=self.device, cond=cond)
 
     def _conditioning(self, n: int, class_labels: torch.Tensor | int | None,
                       guidance: float | None, *, classifier: Model | None = None,

@@ -79,10 +79,11 @@ from typing import Any
 import torch
 
 from . import sigmas as grids
-from .calibrate import OptimizedSigmas, optimize_sigmas
+from .calibrate import OptimizedSigmas, TunedSolver, optimize_sigmas, tune_coefficients
 from .check import CountingDenoiser, reference_ode, rms
 from .process import VPDiscrete
 from .samplers import SAMPLERS, STOCHASTIC, get_sampler
+from .samplers.tuned import sample_tabulated
 from .toy import GaussianMixture, random_mixture
 
 __all__ = [
@@ -97,6 +98,8 @@ __all__ = [
     "sfumato_grid",
     "DATA_GRIDS",
     "OPTIMIZED",
+    "TUNED",
+    "CALIBRATED",
     "deterministic_samplers",
     "parse_sampler",
     "run_sfumato",
@@ -125,6 +128,12 @@ DEFAULT_NFES = (5, 10, 20, 50)
 REF_SIGMA = 1e-4  # the reference ODE stops here, then takes D(x, REF_SIGMA)
 #: grid name of the per-(sampler, NFE) optimised grids (not a :data:`GRIDS` builder)
 OPTIMIZED = "optimized"
+#: grid name of the per-(sampler, NFE) tuned solvers (grid + UniPC coefficients fitted)
+TUNED = "tuned"
+#: the pseudo-grids fitted to the model (left out of the "generic" best-of)
+CALIBRATED = (OPTIMIZED, TUNED)
+#: samplers whose coefficients :func:`sfumato.calibrate.tune_coefficients` can tune
+TUNABLE = {"unipc": "bh2", "unipc_bh1": "bh1", "unipc_bh2": "bh2"}
 CALIBRATION_SAMPLES = 4096  # calibration draws of an optimised grid (see sfumato.calibrate)
 CALIBRATION_SEED = 7_000_003  # + the problem's seed: calibration noise, apart from z
 
@@ -186,6 +195,7 @@ class Problem:
     ref_accuracy: float
     info: dict[str, Any] = field(default_factory=dict)
     _optimized: dict[tuple, OptimizedSigmas] = field(default_factory=dict, repr=False)
+    _tuned: dict[tuple, TunedSolver] = field(default_factory=dict, repr=False)
 
     @property
     def sigma_max(self) -> float:
@@ -217,6 +227,37 @@ class Problem:
                 generator=torch.Generator().manual_seed(CALIBRATION_SEED + self.info["seed"]),
                 init=sfumato_grid("gaussian_lte", self.process, n), ref_sigma=REF_SIGMA)
         return cache[key]
+
+    def tuned_solver(self, sampler: str, n: int,
+                     samples: int = CALIBRATION_SAMPLES) -> TunedSolver:
+        """UniPC (``sampler``: ``unipc``, ``unipc_bh1`` or ``unipc_bh2``, optionally with
+        ``order``) with its ``n``-step coefficients tuned to this model by
+        :func:`sfumato.calibrate.tune_coefficients`, on the candidate grid with the least
+        held-out error among the generic ones (``gaussian_lte``, ``gaussian_cov``,
+        ``loglinear``, ``karras``) and every :meth:`optimized_grid` fitted with ``n`` steps;
+        ``2 * samples`` calibration draws (half held out) from another seed than the optimised
+        grids'; cached."""
+        key = (sampler, n, samples)
+        if key not in self._tuned:
+            variant, order = _tunable(sampler)
+            cands = [sfumato_grid(g, self.process, n, self.data_std)
+                     for g in ("gaussian_lte", "gaussian_cov", "loglinear", "karras")]
+            cands += [fit.sigmas for (_, m, _), fit in self._optimized.items() if m == n]
+            self._tuned[key] = tune_coefficients(
+                self.model, cands, shape=self.model.event_shape, order=order, variant=variant,
+                samples=2 * samples, ref_sigma=REF_SIGMA,
+                generator=torch.Generator().manual_seed(CALIBRATION_SEED + 1 + self.info["seed"]))
+        return self._tuned[key]
+
+
+def _tunable(sampler: str) -> tuple[str, int]:
+    """(variant, order) of a UniPC spec whose coefficients can be tuned; ValueError else."""
+    base, kw = parse_sampler(sampler)
+    extra = set(kw) - {"order", "variant"}
+    if base not in TUNABLE or extra:
+        raise ValueError(f"only UniPC's coefficients can be tuned ({sorted(TUNABLE)}, with "
+                         f"'order'); got {sampler!r}")
+    return kw.get("variant", TUNABLE[base]), int(kw.get("order", 3))
 
 
 def add_problem_arguments(parser, *, mixture: str, batch_type: Callable[[str], int] = int,
@@ -484,6 +525,7 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
 
     The step count is found by counting calls on a one-sample dry run; ``nfe_cache`` (keyed by
     (sampler, steps)) shares those counts between grids, and the real run's count is checked.
+    ``grid`` :data:`TUNED` runs :meth:`Problem.tuned_solver` (UniPC samplers only);
     ``grid`` :data:`OPTIMIZED` fits the grid for (sampler, steps) first
     (:meth:`Problem.optimized_grid` with ``calibration_samples`` draws; a fixed-grid sampler's
     NFE does not depend on the levels, so the count uses a log-linear grid).
@@ -497,7 +539,7 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
     def nfe_of(n: int, cache: dict | None = nfe_cache) -> int:
         if cache is not None and (sampler, n) in cache:
             return cache[(sampler, n)]
-        sig = sfumato_grid("loglinear" if grid == OPTIMIZED else grid, problem.process, n,
+        sig = sfumato_grid("loglinear" if grid in CALIBRATED else grid, problem.process, n,
                            problem.data_std)
         x1 = start_state(problem, float(sig[0]))[:1]
         k = _count_nfe(lambda m: fn(m, x1, sig), problem.model)
@@ -513,14 +555,20 @@ def run_sfumato(problem: Problem, sampler: str, grid: str, nfe: int,
                 return Result(name, "sfumato", nfe, status="n/a",
                               note="one step costs more NFE", config=conf)
             n = found[0]
+            run = fn
             if grid == OPTIMIZED:
                 fit = problem.optimized_grid(sampler, n, calibration_samples)
                 sig = fit.sigmas
                 conf["calibration"] = {**fit.to_dict(), "samples": calibration_samples}
+            elif grid == TUNED:
+                tuned = problem.tuned_solver(sampler, n, calibration_samples)
+                sig = tuned.sigmas
+                run = functools.partial(sample_tabulated, table=tuned.table)
+                conf["calibration"] = {**tuned.to_dict(), "samples": calibration_samples}
             else:
                 sig = sfumato_grid(grid, problem.process, n, problem.data_std)
             counter = CountingDenoiser(problem.model)
-            out = fn(counter, start_state(problem, float(sig[0])), sig)
+            out = run(counter, start_state(problem, float(sig[0])), sig)
         except NotImplementedError:
             raise
         except Exception as e:  # noqa: BLE001 - record, don't abort the table
@@ -941,7 +989,8 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
                   log: Callable[[str], None] | None = print,
                   desc: str = "benchmark", optimize: Iterable[str] = (),
                   optimize_nfes: Iterable[int] | None = None,
-                  calibration_samples: int = CALIBRATION_SAMPLES) -> dict[str, Any]:
+                  calibration_samples: int = CALIBRATION_SAMPLES, tune: Iterable[str] = (),
+                  tune_nfes: Iterable[int] | None = None) -> dict[str, Any]:
     """Run every (method, NFE) cell; returns ``{'results': [...], 'notes': [...], ...}``.
 
     ``samplers`` defaults to :func:`deterministic_samplers`, ``grids_`` to every grid in
@@ -951,13 +1000,20 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
 
     ``optimize``: samplers that also run on their :data:`OPTIMIZED` grid, fitted at each NFE in
     ``optimize_nfes`` (default: all) on ``calibration_samples`` draws; other NFEs are skipped.
+    ``tune``: UniPC samplers that also run as :data:`TUNED` solvers at each NFE in
+    ``tune_nfes`` (default: all; :meth:`Problem.tuned_solver`, after the optimised grids, so
+    those are among its candidate grids).
     """
     nfes = check_nfes(nfes)
     samplers = list(deterministic_samplers() if samplers is None else samplers)
     grid_names = list(GRIDS if grids_ is None else grids_)
     optimize = list(optimize)
     optimize_nfes = set(nfes if optimize_nfes is None else optimize_nfes)
-    _check_choices(samplers + optimize, grid_names)
+    tune = list(tune)
+    tune_nfes = set(nfes if tune_nfes is None else tune_nfes)
+    _check_choices(samplers + optimize + tune, grid_names)
+    for t in tune:
+        _tunable(t)
     notes: list[str] = []
     cfgs = list(diffusers or [])
     if cfgs:
@@ -966,12 +1022,19 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
     tasks = [_Task("sfumato", s, g) for s in samplers if _base(s) != "rk45"
              for g in grid_names]
     tasks += [_Task("sfumato", s, OPTIMIZED) for s in optimize]
+    tasks += [_Task("sfumato", s, TUNED) for s in tune]
     if optimize:
         notes.append(f"{OPTIMIZED} grids: fitted per sampler and NFE by "
                      f"sfumato.calibrate.optimize_sigmas on {calibration_samples} calibration "
                      "draws (another seed than the benchmark's noise), starting from "
                      "gaussian_lte; the grid and its offline cost (calls per calibration draw) "
                      "are in the JSON, not in the NFE")
+    if tune:
+        notes.append(f"{TUNED} solvers: UniPC's coefficients fitted per NFE by "
+                     "sfumato.calibrate.tune_coefficients on the candidate grid with the least "
+                     f"held-out error (the optimised grids among them), {2 * calibration_samples} "
+                     "calibration draws (half held out; another seed than the benchmark's "
+                     "noise); tables and offline cost in the JSON, not in the NFE")
     if rk45 and "rk45" in SAMPLERS:
         tasks.append(_Task("rk45", "rk45"))
     tasks += [_Task("diffusers", c.name, c) for c in cfgs]
@@ -999,10 +1062,11 @@ def run_benchmark(problem: Problem, *, samplers: Iterable[str] | None = None,
                     bar.update(len(nfes))
                 continue
             for k in nfes:
-                if task.arg == OPTIMIZED and k not in optimize_nfes:
-                    results.append(Result(f"{task.key} / {OPTIMIZED}", "sfumato", k,
-                                          status="skipped", note="not optimised at this NFE",
-                                          config={"sampler": task.key, "grid": OPTIMIZED}))
+                if (task.arg == OPTIMIZED and k not in optimize_nfes) or \
+                        (task.arg == TUNED and k not in tune_nfes):
+                    results.append(Result(f"{task.key} / {task.arg}", "sfumato", k,
+                                          status="skipped", note="not fitted at this NFE",
+                                          config={"sampler": task.key, "grid": task.arg}))
                 elif task.kind == "sfumato":
                     results.append(run_sfumato(problem, task.key, task.arg, k, nfe_cache,
                                                calibration_samples))
@@ -1098,15 +1162,16 @@ def ratio_interval(a: torch.Tensor, b: torch.Tensor, level: float = 0.9,
 def summarize(results: Sequence[Result], nfes: Sequence[int]) -> dict[int, dict[str, Any]]:
     """Per NFE: best sfumato (fixed-grid samplers only), best diffusers, their ratio and the
     ratio's 90 % paired bootstrap interval ``ratio_ci`` (:func:`ratio_interval`; None when
-    per-sample errors are missing); when optimised grids ran, also the best sfumato method
-    without them (``sfumato_generic``, ``sfumato_generic_error``, ``ratio_generic``)."""
+    per-sample errors are missing); when optimised grids or tuned solvers ran, also the best
+    sfumato method without them (``sfumato_generic``, ``sfumato_generic_error``,
+    ``ratio_generic``)."""
     out: dict[int, dict[str, Any]] = {}
     for k in nfes:
         row: dict[str, Any] = {}
         best: dict[str, Result] = {}
         for fam in ("sfumato", "diffusers"):
             cands = [r for r in results if r.family == fam and r.nfe_target == k and r.valid]
-            generic = [r for r in cands if r.config.get("grid") != OPTIMIZED]
+            generic = [r for r in cands if r.config.get("grid") not in CALIBRATED]
             if fam == "sfumato" and len(generic) < len(cands):
                 g = min(generic, key=lambda r: r.error) if generic else None
                 row["sfumato_generic"] = g.method if g else None
@@ -1163,7 +1228,8 @@ def format_summary(summary: dict[int, dict[str, Any]]) -> str:
             ratio += " (90% bootstrap interval {:.2f}-{:.2f})".format(*row["ratio_ci"])
         lines.append(f"NFE {k:>3}: best sfumato {s}  |  best diffusers {d}  |  ratio {ratio}")
         if row.get("ratio_generic") is not None:
-            lines.append(f"         without {OPTIMIZED} grids: {row['sfumato_generic']} "
+            lines.append(f"         without {OPTIMIZED} grids or {TUNED} solvers: "
+                         f"{row['sfumato_generic']} "
                          f"({row['sfumato_generic_error']:.2e})  |  ratio "
                          f"{row['ratio_generic']:.3f}")
     return "\n".join(lines)
@@ -1286,7 +1352,7 @@ def compare(out: str | Path = "sfumato-compare", *, nfes: Sequence[int] = (5, 10
             schedule: str = "scaled_linear", batch: int = 128, use_diffusers: bool = True,
             quick: bool = False, progress: bool = True, threads: int | None = 1,
             log: Callable[[str], None] | None = print,
-            optimize: Sequence[str] = ()) -> dict[str, Any]:
+            optimize: Sequence[str] = (), tune: Sequence[str] = ()) -> dict[str, Any]:
     """A small sfumato-vs-diffusers comparison; writes ``out/compare.png`` (error vs NFE,
     log-log) and ``out/compare.json``, and returns the JSON payload plus ``'table'``,
     ``'summary'`` (printable text) and ``'results'``.
@@ -1294,6 +1360,7 @@ def compare(out: str | Path = "sfumato-compare", *, nfes: Sequence[int] = (5, 10
     Runs :data:`COMPARE_SAMPLERS` x :data:`COMPARE_GRIDS` and, if diffusers is installed, a few
     strong diffusers configurations (:func:`diffusers_configs` ``'small'``) on a small problem.
     ``optimize``: samplers that also run on their :data:`OPTIMIZED` grid (1024 calibration
+    draws); ``tune``: UniPC samplers that also run as :data:`TUNED` solvers (twice as many
     draws). ``quick`` uses fewer samples, a coarser reference and 64 calibration draws (for
     tests). Raises ValueError for bad input (unknown sampler/grid/mixture, non-positive NFE).
     """
@@ -1325,7 +1392,7 @@ def compare(out: str | Path = "sfumato-compare", *, nfes: Sequence[int] = (5, 10
                                ref_steps=200 if quick else 400)
         bench = run_benchmark(problem, samplers=samplers, grids_=grid_names, diffusers=cfgs,
                               nfes=nfes, rk45=False, progress=progress, log=log,
-                              desc="sfumato compare", optimize=optimize,
+                              desc="sfumato compare", optimize=optimize, tune=tune,
                               calibration_samples=64 if quick else 1024)
     results: list[Result] = bench["results"]
     notes += bench["notes"]

@@ -38,8 +38,9 @@ import torch
 
 from . import sigmas as grids
 from .check import reference_ode
+from .samplers.tuned import StepTable
 
-__all__ = ["OptimizedSigmas", "optimize_sigmas"]
+__all__ = ["OptimizedSigmas", "optimize_sigmas", "TunedSolver", "tune_coefficients"]
 
 
 @dataclass
@@ -89,6 +90,27 @@ def _targets(denoiser: Callable, x: torch.Tensor, sigma_max: float, ref_sigma: f
              ref_steps: int) -> torch.Tensor:
     y = reference_ode(denoiser, x, sigma_max, ref_sigma, steps=ref_steps)
     return denoiser(y, torch.full((x.shape[0],), ref_sigma, dtype=x.dtype, device=x.device))
+
+
+def _calibration_set(denoiser: Callable, sigma_max: float, *, shape: Sequence[int],
+                     generator: torch.Generator, samples: int, ref_sigma: float,
+                     ref_steps: int, batch_size: int | None, dtype: torch.dtype,
+                     device: torch.device | str, cond: dict[str, torch.Tensor] | None):
+    """Calibration starts ``sigma_max * z`` (``samples`` draws from ``generator``), their
+    accurate PF-ODE solutions, and per chunk of ``batch_size`` draws the denoiser with that
+    chunk's conditioning: (x, target, models, chunks)."""
+    for k, v in (cond or {}).items():
+        if not torch.is_tensor(v) or v.shape[:1] != (samples,):
+            raise ValueError(f"cond[{k!r}] must be a tensor with samples = {samples} rows; got "
+                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+    z = torch.randn(samples, *shape, generator=generator, dtype=torch.float64)
+    x = (sigma_max * z).to(dtype=dtype, device=device)
+    bs = batch_size or samples
+    chunks = [slice(i, i + bs) for i in range(0, samples, bs)]
+    models = [_bind(denoiser, {k: v[c] for k, v in (cond or {}).items()}) for c in chunks]
+    target = torch.cat([_targets(m, x[c], sigma_max, ref_sigma, ref_steps)
+                        for m, c in zip(models, chunks, strict=True)])
+    return x, target, models, chunks
 
 
 @torch.no_grad()
@@ -142,10 +164,6 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
         raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
     if samples < 1 or ref_steps < 1:
         raise ValueError(f"samples and ref_steps must be positive; got {samples}, {ref_steps}")
-    for k, v in (cond or {}).items():
-        if not torch.is_tensor(v) or v.shape[:1] != (samples,):
-            raise ValueError(f"cond[{k!r}] must be a tensor with samples = {samples} rows; got "
-                             f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
     ref_sigma = sigma_min if ref_sigma is None else float(ref_sigma)
     if not 0 < ref_sigma <= sigma_min:
         raise ValueError(f"ref_sigma must be in (0, sigma_min={sigma_min}]; got {ref_sigma}")
@@ -158,13 +176,10 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
                          f"sigma_max down to >= sigma_min, then 0; got {init.tolist()}")
     max_trials = max(40, 60 * (n - 1)) if max_trials is None else int(max_trials)
 
-    z = torch.randn(samples, *shape, generator=generator, dtype=torch.float64)
-    x = (float(init[0]) * z).to(dtype=dtype, device=device)
-    bs = batch_size or samples
-    chunks = [slice(i, i + bs) for i in range(0, samples, bs)]
-    models = [_bind(counted, {k: v[c] for k, v in (cond or {}).items()}) for c in chunks]
-    target = torch.cat([_targets(m, x[c], float(init[0]), ref_sigma, ref_steps)
-                        for m, c in zip(models, chunks, strict=True)])
+    x, target, models, chunks = _calibration_set(
+        counted, float(init[0]), shape=shape, generator=generator, samples=samples,
+        ref_sigma=ref_sigma, ref_steps=ref_steps, batch_size=batch_size, dtype=dtype,
+        device=device, cond=cond)
 
     top, lo = math.log(float(init[0])), math.log(sigma_min)
     trials = [0]
@@ -198,3 +213,156 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
     return OptimizedSigmas(sigmas=grid_of(best), init_sigmas=init, error=best_err,
                            init_error=init_error, trials=trials[0],
                            nfe=calls[0] // len(chunks))
+
+
+@dataclass
+class TunedSolver:
+    """Result of :func:`tune_coefficients`.
+
+    Attributes:
+        table: the tuned coefficients (:class:`sfumato.samplers.tuned.StepTable`), on
+            ``table.sigmas``; sample with ``sample_tabulated(denoiser, x, table.sigmas,
+            table=table)``.
+        init_table: UniPC's coefficients on the same grid (the starting point).
+        error: RMS error on the held-out calibration draws with ``table``.
+        init_error: the same with ``init_table``.
+        iters: optimisation steps taken; ``best_iter`` the one kept (0: the start).
+        nfe: denoiser calls per calibration draw (targets and training together).
+    """
+
+    table: StepTable
+    init_table: StepTable
+    error: float
+    init_error: float
+    iters: int
+    best_iter: int
+    nfe: int
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """The grid, (n + 1,) float64."""
+        return torch.tensor(self.table.sigmas, dtype=torch.float64)
+
+    def to_dict(self) -> dict:
+        """JSON-able form (both tables as dicts)."""
+        return {"table": self.table.to_dict(), "init_table": self.init_table.to_dict(),
+                "error": self.error, "init_error": self.init_error, "iters": self.iters,
+                "best_iter": self.best_iter, "nfe": self.nfe}
+
+
+def tune_coefficients(denoiser: Callable,
+                      sigmas: torch.Tensor | Sequence[float] | Sequence[torch.Tensor], *,
+                      shape: Sequence[int], generator: torch.Generator, order: int = 3,
+                      variant: str = "bh1", samples: int = 8192, holdout: float = 0.5,
+                      iters: int = 400, lr: float = 5e-3, minibatch: int = 1024,
+                      eval_every: int = 25, ref_steps: int = 200,
+                      ref_sigma: float | None = None, dtype: torch.dtype = torch.float32,
+                      device: torch.device | str = "cpu",
+                      cond: dict[str, torch.Tensor] | None = None) -> TunedSolver:
+    """Tune UniPC's coefficients on the grid ``sigmas`` to ``denoiser``: a learned solver with
+    the grid held fixed (see :mod:`sfumato.samplers.tuned` for the form and the papers).
+
+    ``sigmas`` may also be a list of candidate grids (1-D tensors with the same first level
+    and the same step count, ending in 0): the one on which UniPC has the least held-out
+    error is tuned.
+
+    1. ``samples`` calibration starts and their accurate PF-ODE solutions, as in
+       :func:`optimize_sigmas` (``ref_sigma`` defaults to the grid's last positive sigma);
+       a fraction ``holdout`` of them is kept aside.
+    2. Start from :func:`~sfumato.samplers.tuned.unipc_table` (``order``, ``variant``) and
+       move every coefficient by Adam (``lr``, ``iters`` steps on random ``minibatch``-draw
+       subsets of the rest), the solver differentiated end to end through ``denoiser``.
+       Entries of step i move in units of 1 - sigma_{i+1}/sigma_i (the size of its base
+       step), the final weights in units of the last positive sigma sigma_m and with their
+       sum held at -sigma_m, so the tuned solver stays exact for a constant denoiser.
+    3. Keep the coefficients with the least RMS error on the held-out draws, checked every
+       ``eval_every`` steps (UniPC's own if nothing beats it), so a fit that follows a few
+       heavy-tailed training draws is not kept.
+
+    The denoiser must be differentiable in x (a network or :class:`sfumato.toy.GaussianMixture`);
+    memory grows with ``minibatch`` x steps. ``cond``: tensors with ``samples`` rows.
+    Tune on the grid you will sample with (e.g. ``optimize_sigmas(...).sigmas``).
+    """
+    from .samplers.tuned import run_table, unipc_table
+
+    cands = (list(sigmas) if isinstance(sigmas, (list, tuple)) and sigmas
+             and torch.is_tensor(sigmas[0]) and sigmas[0].ndim == 1 else [sigmas])
+    tables = [unipc_table(c, order=order, variant=variant) for c in cands]
+    first = tables[0].sigmas
+    if any(t.sigmas[-1] != 0 or abs(t.sigmas[0] - first[0]) > 1e-9 * first[0]
+           or len(t.sigmas) != len(first) for t in tables):
+        raise ValueError("every grid must end in 0 (the tuned solver takes the step into 0), "
+                         "and candidate grids must share their first level and step count; "
+                         f"got {[t.sigmas for t in tables]}")
+    if not 0 < holdout < 1 or samples < 2:
+        raise ValueError(f"need 0 < holdout < 1 and samples >= 2; got {holdout}, {samples}")
+    if iters < 0 or lr <= 0 or minibatch < 1 or eval_every < 1:
+        raise ValueError("iters >= 0, lr > 0, minibatch >= 1 and eval_every >= 1 are needed")
+    calls = [0]  # denoiser evaluations of single draws
+
+    def counted(xi, *args, **kwargs):
+        calls[0] += xi.shape[0]
+        return denoiser(xi, *args, **kwargs)
+
+    if ref_sigma is None:
+        ref_sigma = min(t.sigmas[-2] for t in tables)
+    with torch.no_grad():
+        x, target, _, _ = _calibration_set(
+            counted, first[0], shape=shape, generator=generator, samples=samples,
+            ref_sigma=float(ref_sigma), ref_steps=ref_steps, batch_size=None, dtype=dtype,
+            device=device, cond=cond)
+    n_val = max(1, round(samples * holdout))
+    val, train = torch.arange(samples - n_val, samples), torch.arange(samples - n_val)
+
+    def model_for(idx: torch.Tensor) -> Callable:
+        c = {k: v[idx.to(v.device)] for k, v in (cond or {}).items()}
+        return lambda xi, sv: counted(
+            xi, torch.full((xi.shape[0],), sv, dtype=xi.dtype, device=xi.device), **c)
+
+    def holdout_error(table: StepTable, coef: Callable | None = None) -> float:
+        with torch.no_grad():
+            out = run_table(model_for(val), x[val], table, coef)
+            err = float((out - target[val]).pow(2).mean().sqrt())
+        return err if math.isfinite(err) else math.inf
+
+    errors = [holdout_error(t) for t in tables]
+    table = tables[min(range(len(tables)), key=errors.__getitem__)]
+    s = table.sigmas
+    rows = {"P": table.predictor, "C": table.corrector, "F": [table.final]}
+    deltas = {(kind, i): torch.zeros(len(row), dtype=torch.float64, requires_grad=True)
+              for kind, rs in rows.items() for i, row in enumerate(rs) if row}
+
+    def coef(kind: str, i: int, k: int, v: float):
+        if kind != "F":
+            return v + (1 - s[i + 1] / s[i]) * deltas[(kind, i)][k]
+        # final weights move so that their sum stays -sigma_m (exact for a constant D); the
+        # float64 scalars scale the state in its own dtype
+        d = deltas[("F", 0)]
+        return v + s[-2] * (d[k] if k else -d[1:].sum())
+
+    def snapshot() -> StepTable:
+        with torch.no_grad():
+            new = {kind: [[float(coef(kind, i, k, v)) for k, v in enumerate(row)]
+                          for i, row in enumerate(rs)] for kind, rs in rows.items()}
+        return StepTable(list(s), new["P"], new["C"], new["F"][0])
+
+    opt = torch.optim.Adam(list(deltas.values()), lr=lr)
+    pick = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=generator)))
+    init_error = best_err = min(errors)
+    best, best_iter, done = table, 0, 0
+    for it in range(1, iters + 1):
+        idx = train[torch.randperm(len(train), generator=pick)[:minibatch]]
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss = (run_table(model_for(idx), x[idx], table, coef) - target[idx]).pow(2).mean()
+            if not torch.isfinite(loss):
+                break  # keep the best so far
+            loss.backward()
+        opt.step()
+        done = it
+        if it % eval_every == 0 or it == iters:
+            err = holdout_error(table, coef)
+            if err < best_err:
+                best, best_err, best_iter = snapshot(), err, it
+    return TunedSolver(table=best, init_table=table, error=best_err, init_error=init_error,
+                       iters=done, best_iter=best_iter, nfe=calls[0] // samples)

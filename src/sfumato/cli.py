@@ -58,7 +58,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         args.out, nfes=args.nfe, seed=args.seed, samplers=args.samplers, grids_=args.grids,
         mixture=args.mixture, schedule=args.schedule, batch=args.batch,
         use_diffusers=not args.no_diffusers, quick=args.quick,
-        progress=not args.no_progress, optimize=args.optimize,
+        progress=not args.no_progress, optimize=args.optimize, tune=args.tune,
     )
     info = payload["problem"]
     print(f"problem: {info['mixture']} ({info['mixture_desc']}), VP {info['schedule']} "
@@ -106,11 +106,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.class_label is not None and not (model.num_classes or "classifier" in guides):
         raise UsageError("--class needs a class-conditional model (or --classifier); this one "
                          "is unconditional")
-    sampler, sigmas = args.sampler, None
+    sampler, sigmas, table = args.sampler, None, {}
     if args.sigmas:
-        sigmas, grid_sampler = _read_grid(args.sigmas)
+        sigmas, grid_sampler, table = _read_grid(args.sigmas)
         sampler = sampler or grid_sampler
-    kw = {"sampler": sampler, "steps": args.steps, "guidance": args.guidance, "sigmas": sigmas,
+        if table and sampler != "tabulated":
+            raise UsageError(f"{args.sigmas} holds a tuned solver: leave out --sampler (or "
+                             "use --sampler tabulated)")
+    kw = {**table, "sampler": sampler, "steps": args.steps, "guidance": args.guidance,
+          "sigmas": sigmas,
           "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
           "guidance_rescale": args.guidance_rescale, **guides}
     if args.control:
@@ -152,17 +156,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_grid(path: str) -> tuple[list[float], str | None]:
-    """(sigmas, sampler) from a GRID.json written by ``sfumato optimize-grid``."""
+def _read_grid(path: str) -> tuple[list[float], str | None, dict]:
+    """(sigmas, sampler, {"table": ...} or {}) from a GRID.json written by
+    ``sfumato optimize-grid`` (``--tune`` adds the solver table)."""
     import json
+
+    from .samplers.tuned import StepTable
 
     try:
         data = json.loads(Path(path).read_text())
         sigmas = [float(v) for v in data["sigmas"]]
+        table = {"table": StepTable.from_dict(data["table"])} if "table" in data else {}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"--sigmas {path!r} is not a grid file from 'sfumato optimize-grid' "
                          f"(JSON with a 'sigmas' list): {e}") from None
-    return sigmas, data.get("sampler")
+    return sigmas, data.get("sampler"), table
 
 
 def _cmd_optimize_grid(args: argparse.Namespace) -> int:
@@ -179,19 +187,31 @@ def _cmd_optimize_grid(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         raise UsageError(str(e)) from None
     sampler = args.sampler or model.config["sample"].get("sampler", "heun")
+    if args.tune and sampler not in ("unipc_bh1", "unipc_bh2"):
+        raise UsageError("--tune tunes UniPC's coefficients: use --sampler unipc_bh1 or "
+                         f"unipc_bh2 (got {sampler!r})")
     try:
         fit = model.optimize_sigmas(args.steps, sampler=sampler, samples=args.samples,
                                     seed=args.seed, batch_size=args.batch_size)
+        record = {"sampler": sampler, "steps": args.steps, "run": str(args.run),
+                  "samples": args.samples, "seed": args.seed, **fit.to_dict()}
+        print(f"calibration error {fit.init_error:.3e} -> {fit.error:.3e} ({sampler}, "
+              f"{args.steps} steps, {args.samples} draws, {fit.nfe} calls per draw)")
+        if args.tune:
+            tuned = model.tune_solver(args.steps, variant=sampler[-3:], sigmas=fit.sigmas,
+                                      samples=2 * args.samples, seed=args.seed + 1)
+            record.update({"sampler": "tabulated", "table": tuned.table.to_dict(),
+                           "tuning": {k: v for k, v in tuned.to_dict().items()
+                                      if k not in ("table", "init_table")}})
+            print(f"tuned coefficients: held-out error {tuned.init_error:.3e} -> "
+                  f"{tuned.error:.3e} ({2 * args.samples} draws, half held out)")
     except ValueError as e:
         raise UsageError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps({"sampler": sampler, "steps": args.steps, "run": str(args.run),
-                               "samples": args.samples, "seed": args.seed, **fit.to_dict()},
-                              indent=2))
+    tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, out)
-    print(f"calibration error {fit.init_error:.3e} -> {fit.error:.3e} ({sampler}, "
-          f"{args.steps} steps, {args.samples} draws, {fit.nfe} calls per draw); wrote {out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -320,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimize", nargs="+", metavar="NAME", default=(),
                    help="also run these samplers on a sigma grid optimised for the model "
                         "(sfumato.calibrate; 1024 calibration draws, 64 with --quick)")
+    p.add_argument("--tune", nargs="+", metavar="NAME", default=(),
+                   help="also run these UniPC samplers with coefficients tuned to the model "
+                        "(sfumato.calibrate.tune_coefficients; 2048 draws, 128 with --quick)")
     p.add_argument("--no-diffusers", action="store_true", help="sfumato samplers only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
@@ -387,6 +410,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the calibration noise (default 1; sample with other seeds)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="draws per denoiser call (default: all)")
+    p.add_argument("--tune", action="store_true",
+                   help="also tune UniPC's coefficients on that grid (sfumato.calibrate."
+                        "tune_coefficients, 2 x SAMPLES draws, half held out); GRID.json then "
+                        "holds a 'tabulated' solver")
     p.add_argument("--out", required=True, metavar="GRID.json", help="output JSON")
     p.set_defaults(func=_cmd_optimize_grid)
 

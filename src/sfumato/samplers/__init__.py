@@ -33,6 +33,7 @@ from .karras import (
 )
 from .multistep import sample_lms, sample_plms
 from .sde import sample_euler_maruyama, sample_pc
+from .tuned import sample_tabulated
 from .unipc import sample_unipc, sample_unipc_bh1, sample_unipc_bh2
 
 SAMPLERS: dict[str, Callable] = {
@@ -67,10 +68,17 @@ STOCHASTIC: frozenset[str] = frozenset(
 )
 
 
+#: samplers that need an argument of their own besides the grid (not in ``SAMPLERS``, whose
+#: members all run with their defaults): ``tabulated`` takes ``table=`` (a solver table, e.g.
+#: tuned by :func:`sfumato.calibrate.tune_coefficients`)
+TABLE_SAMPLERS: dict[str, Callable] = {"tabulated": sample_tabulated}
+
+
 def get_sampler(name: str) -> Callable:
-    """The sampler function registered under ``name``; a clear error lists the choices."""
+    """The sampler function registered under ``name`` (in ``SAMPLERS`` or
+    ``TABLE_SAMPLERS``); a clear error lists the choices."""
     try:
-        return SAMPLERS[name]
+        return SAMPLERS[name] if name in SAMPLERS else TABLE_SAMPLERS[name]
     except KeyError:
         import difflib
 
@@ -81,6 +89,5 @@ def get_sampler(name: str) -> Callable:
         ) from None
 
 
-__all__ = ["SAMPLERS", "STOCHASTIC", "get_sampler", "sample", "initial_noise"] + [
-    f.__name__ for f in SAMPLERS.values()
-]
+__all__ = ["SAMPLERS", "STOCHASTIC", "TABLE_SAMPLERS", "get_sampler", "sample",
+           "initial_noise", "sample_tabulated"] + [f.__name__ for f in SAMPLERS.values()]
