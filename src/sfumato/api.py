@@ -150,16 +150,19 @@ class Model:
             sampler_kwargs=sampler_kwargs or cfg.get("kwargs"), cond=cond)
 
     def tune_solver(self, steps: int, *, variant: str = "bh1", order: int = 3,
-                    samples: int = 2048, seed: int = 2, guidance: float | None = None,
+                    samples: int = 1024, seed: int = 2, guidance: float | None = None,
                     sigmas: torch.Tensor | Sequence[float] | None = None,
-                    grid_samples: int = 1024, iters: int = 400) -> TunedSolver:
+                    grid_samples: int = 1024, iters: int = 200, minibatch: int = 256,
+                    ref_steps: int = 100) -> TunedSolver:
         """UniPC with its ``steps``-step coefficients tuned to this model
         (:func:`sfumato.calibrate.tune_coefficients`, ``samples`` draws from ``seed``, half
         held out, conditioned as :meth:`sample` would), on ``sigmas`` or else on the grid
         :meth:`optimize_sigmas` fits for ``unipc_{variant}`` (``grid_samples`` draws, seed
         ``seed + 1``). Sample with ``sample(n, sampler="tabulated", sigmas=fit.sigmas,
         table=fit.table)``. The denoiser is differentiated through the whole solver: memory
-        grows with the minibatch (1024 draws) times ``steps``."""
+        and time grow with ``minibatch`` times ``steps`` (a network costs far more per call
+        than the benchmark's mixture, hence the smaller defaults: ``iters`` Adam steps on
+        ``minibatch`` draws, targets from ``ref_steps`` RK4 steps)."""
         if sigmas is None:
             sigmas = self.optimize_sigmas(steps, sampler=f"unipc_{variant}",
                                           samples=grid_samples, seed=seed + 1,
@@ -170,8 +173,8 @@ class Model:
         return tune_coefficients(
             den, torch.as_tensor(sigmas, dtype=torch.float64), shape=self.shape,
             generator=torch.Generator().manual_seed(seed), order=order, variant=variant,
-            samples=samples, iters=iters, minibatch=min(1024, samples // 2),
-            device=self.device, cond=cond)
+            samples=samples, iters=iters, minibatch=min(minibatch, samples // 2),
+            ref_steps=ref_steps, device=self.device, cond=cond)
 
     def _conditioning(self, n: int, class_labels: torch.Tensor | int | None,
                       guidance: float | None, *, classifier: Model | None = None,

@@ -199,12 +199,12 @@ def _cmd_optimize_grid(args: argparse.Namespace) -> int:
               f"{args.steps} steps, {args.samples} draws, {fit.nfe} calls per draw)")
         if args.tune:
             tuned = model.tune_solver(args.steps, variant=sampler[-3:], sigmas=fit.sigmas,
-                                      samples=2 * args.samples, seed=args.seed + 1)
+                                      samples=args.samples, seed=args.seed + 1)
             record.update({"sampler": "tabulated", "table": tuned.table.to_dict(),
                            "tuning": {k: v for k, v in tuned.to_dict().items()
                                       if k not in ("table", "init_table")}})
             print(f"tuned coefficients: held-out error {tuned.init_error:.3e} -> "
-                  f"{tuned.error:.3e} ({2 * args.samples} draws, half held out)")
+                  f"{tuned.error:.3e} ({args.samples} other draws, half held out)")
     except ValueError as e:
         raise UsageError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="draws per denoiser call (default: all)")
     p.add_argument("--tune", action="store_true",
                    help="also tune UniPC's coefficients on that grid (sfumato.calibrate."
-                        "tune_coefficients, 2 x SAMPLES draws, half held out); GRID.json then "
+                        "tune_coefficients, SAMPLES other draws, half held out); GRID.json then "
                         "holds a 'tabulated' solver")
     p.add_argument("--out", required=True, metavar="GRID.json", help="output JSON")
     p.set_defaults(func=_cmd_optimize_grid)
