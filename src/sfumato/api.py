@@ -138,9 +138,7 @@ class Model:
         ``sample(..., sigmas=fit.sigmas)``. Costs ``4 ref_steps + 1`` denoiser calls per draw
         for the targets plus ``steps`` per draw per trial grid (see the module)."""
         cfg = self.config["sample"]
-        den, labels, cond = self._conditioning(samples, None, guidance)
-        if labels is not None:
-            cond["class_labels"] = labels.to(self.device)
+        den, cond = self._calibration_conditioning(samples, guidance)
         return optimize_sigmas(
             den, sampler or cfg.get("sampler", "heun"), steps,
             sigma_min=float(cfg.get("sigma_min", 0.002)),
@@ -167,14 +165,20 @@ class Model:
             sigmas = self.optimize_sigmas(steps, sampler=f"unipc_{variant}",
                                           samples=grid_samples, seed=seed + 1,
                                           guidance=guidance, order=order).sigmas
-        den, labels, cond = self._conditioning(samples, None, guidance)
-        if labels is not None:
-            cond["class_labels"] = labels.to(self.device)
+        den, cond = self._calibration_conditioning(samples, guidance)
         return tune_coefficients(
             den, torch.as_tensor(sigmas, dtype=torch.float64), shape=self.shape,
             generator=torch.Generator().manual_seed(seed), order=order, variant=variant,
             samples=samples, iters=iters, minibatch=min(minibatch, samples // 2),
             ref_steps=ref_steps, device=self.device, cond=cond)
+
+    def _calibration_conditioning(self, n: int, guidance: float | None) -> tuple:
+        """(denoiser, conditioning tensors with n rows) for calibration draws, as
+        :meth:`sample` would condition n samples (classes evenly)."""
+        den, labels, cond = self._conditioning(n, None, guidance)
+        if labels is not None:
+            cond["class_labels"] = labels.to(self.device)
+        return den, cond
 
     def _conditioning(self, n: int, class_labels: torch.Tensor | int | None,
                       guidance: float | None, *, classifier: Model | None = None,

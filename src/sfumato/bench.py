@@ -83,7 +83,7 @@ from .calibrate import OptimizedSigmas, TunedSolver, optimize_sigmas, tune_coeff
 from .check import CountingDenoiser, reference_ode, rms
 from .process import VPDiscrete
 from .samplers import SAMPLERS, STOCHASTIC, get_sampler
-from .samplers.tuned import sample_tabulated
+from .samplers.tuned import UNIPC_VARIANTS, sample_tabulated
 from .toy import GaussianMixture, random_mixture
 
 __all__ = [
@@ -132,8 +132,6 @@ OPTIMIZED = "optimized"
 TUNED = "tuned"
 #: the pseudo-grids fitted to the model (left out of the "generic" best-of)
 CALIBRATED = (OPTIMIZED, TUNED)
-#: samplers whose coefficients :func:`sfumato.calibrate.tune_coefficients` can tune
-TUNABLE = {"unipc": "bh2", "unipc_bh1": "bh1", "unipc_bh2": "bh2"}
 CALIBRATION_SAMPLES = 4096  # calibration draws of an optimised grid (see sfumato.calibrate)
 CALIBRATION_SEED = 7_000_003  # + the problem's seed: calibration noise, apart from z
 
@@ -196,6 +194,9 @@ class Problem:
     info: dict[str, Any] = field(default_factory=dict)
     _optimized: dict[tuple, OptimizedSigmas] = field(default_factory=dict, repr=False)
     _tuned: dict[tuple, TunedSolver] = field(default_factory=dict, repr=False)
+    #: calibration sets (starts, targets) shared by every fit on this model (same seed and
+    #: size -> same draws, whatever the sampler or step count)
+    _calibration: dict = field(default_factory=dict, repr=False)
 
     @property
     def sigma_max(self) -> float:
@@ -225,7 +226,8 @@ class Problem:
                 self.model, base, n, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
                 shape=self.model.event_shape, sampler_kwargs=kwargs, samples=samples,
                 generator=torch.Generator().manual_seed(CALIBRATION_SEED + self.info["seed"]),
-                init=sfumato_grid("gaussian_lte", self.process, n), ref_sigma=REF_SIGMA)
+                init=sfumato_grid("gaussian_lte", self.process, n), ref_sigma=REF_SIGMA,
+                cache=self._calibration)
         return cache[key]
 
     def tuned_solver(self, sampler: str, n: int,
@@ -245,7 +247,7 @@ class Problem:
             cands += [fit.sigmas for (_, m, _), fit in self._optimized.items() if m == n]
             self._tuned[key] = tune_coefficients(
                 self.model, cands, shape=self.model.event_shape, order=order, variant=variant,
-                samples=2 * samples, ref_sigma=REF_SIGMA,
+                samples=2 * samples, ref_sigma=REF_SIGMA, cache=self._calibration,
                 generator=torch.Generator().manual_seed(CALIBRATION_SEED + 1 + self.info["seed"]))
         return self._tuned[key]
 
@@ -254,10 +256,10 @@ def _tunable(sampler: str) -> tuple[str, int]:
     """(variant, order) of a UniPC spec whose coefficients can be tuned; ValueError else."""
     base, kw = parse_sampler(sampler)
     extra = set(kw) - {"order", "variant"}
-    if base not in TUNABLE or extra:
-        raise ValueError(f"only UniPC's coefficients can be tuned ({sorted(TUNABLE)}, with "
-                         f"'order'); got {sampler!r}")
-    return kw.get("variant", TUNABLE[base]), int(kw.get("order", 3))
+    if base not in UNIPC_VARIANTS or extra:
+        raise ValueError(f"only UniPC's coefficients can be tuned ({sorted(UNIPC_VARIANTS)}, "
+                         f"with 'order'); got {sampler!r}")
+    return kw.get("variant", UNIPC_VARIANTS[base]), int(kw.get("order", 3))
 
 
 def add_problem_arguments(parser, *, mixture: str, batch_type: Callable[[str], int] = int,

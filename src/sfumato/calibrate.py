@@ -38,7 +38,7 @@ import torch
 
 from . import sigmas as grids
 from .check import reference_ode
-from .samplers.tuned import StepTable
+from .samplers.tuned import StepTable, run_table, unipc_table
 
 __all__ = ["OptimizedSigmas", "optimize_sigmas", "TunedSolver", "tune_coefficients"]
 
@@ -92,25 +92,50 @@ def _targets(denoiser: Callable, x: torch.Tensor, sigma_max: float, ref_sigma: f
     return denoiser(y, torch.full((x.shape[0],), ref_sigma, dtype=x.dtype, device=x.device))
 
 
+def _chunked(denoiser: Callable, samples: int, batch_size: int | None,
+             cond: dict[str, torch.Tensor] | None) -> tuple[list[slice], list[Callable]]:
+    """Chunks of ``batch_size`` draws and, per chunk, the denoiser with its conditioning."""
+    bs = batch_size or samples
+    chunks = [slice(i, i + bs) for i in range(0, samples, bs)]
+    return chunks, [_bind(denoiser, {k: v[c] for k, v in (cond or {}).items()}) for c in chunks]
+
+
+def target_calls(ref_steps: int) -> int:
+    """Denoiser calls per draw of a calibration target (RK4: 4 per step, then the final D)."""
+    return 4 * ref_steps + 1
+
+
 def _calibration_set(denoiser: Callable, sigma_max: float, *, shape: Sequence[int],
                      generator: torch.Generator, samples: int, ref_sigma: float,
                      ref_steps: int, batch_size: int | None, dtype: torch.dtype,
-                     device: torch.device | str, cond: dict[str, torch.Tensor] | None):
-    """Calibration starts ``sigma_max * z`` (``samples`` draws from ``generator``), their
-    accurate PF-ODE solutions, and per chunk of ``batch_size`` draws the denoiser with that
-    chunk's conditioning: (x, target, models, chunks)."""
+                     device: torch.device | str, cond: dict[str, torch.Tensor] | None,
+                     cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Calibration starts ``sigma_max * z`` (``samples`` draws from ``generator``) and their
+    accurate PF-ODE solutions: (x, target), computed ``batch_size`` draws at a time.
+
+    ``cache`` (a dict kept by the caller for one denoiser, unconditioned calls only) holds
+    sets already solved, keyed by the arguments and the generator's state; a hit skips the
+    solve and leaves the generator as the draw would have."""
     for k, v in (cond or {}).items():
         if not torch.is_tensor(v) or v.shape[:1] != (samples,):
             raise ValueError(f"cond[{k!r}] must be a tensor with samples = {samples} rows; got "
                              f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
+    key = None
+    if cache is not None and not cond:
+        key = (float(sigma_max), tuple(shape), samples, float(ref_sigma), ref_steps, dtype,
+               str(device), generator.get_state().numpy().tobytes())
+        if key in cache:
+            x, target, state = cache[key]
+            generator.set_state(state)
+            return x, target
     z = torch.randn(samples, *shape, generator=generator, dtype=torch.float64)
     x = (sigma_max * z).to(dtype=dtype, device=device)
-    bs = batch_size or samples
-    chunks = [slice(i, i + bs) for i in range(0, samples, bs)]
-    models = [_bind(denoiser, {k: v[c] for k, v in (cond or {}).items()}) for c in chunks]
+    chunks, models = _chunked(denoiser, samples, batch_size, cond)
     target = torch.cat([_targets(m, x[c], sigma_max, ref_sigma, ref_steps)
                         for m, c in zip(models, chunks, strict=True)])
-    return x, target, models, chunks
+    if key is not None:
+        cache[key] = (x, target, generator.get_state())
+    return x, target
 
 
 @torch.no_grad()
@@ -122,7 +147,8 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
                     batch_size: int | None = None, dtype: torch.dtype = torch.float32,
                     device: torch.device | str = "cpu",
                     sampler_kwargs: dict | None = None,
-                    cond: dict[str, torch.Tensor] | None = None) -> OptimizedSigmas:
+                    cond: dict[str, torch.Tensor] | None = None,
+                    cache: dict | None = None) -> OptimizedSigmas:
     """Fit an ``n``-step grid for ``sampler`` (a name in ``SAMPLERS`` or a sampler function)
     to ``denoiser`` (see the module docstring for the method).
 
@@ -142,6 +168,9 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
         sampler_kwargs: the sampler's own options (e.g. ``{"order": 2}``).
         cond: conditioning for the denoiser, tensors with ``samples`` rows (e.g. class labels
             spread over the classes); each calibration draw gets its row.
+        cache: a dict you keep for this denoiser: calibration sets (starts and targets)
+            solved once are reused by later calls with the same arguments and generator state
+            (e.g. one grid per step count from one seed); ``nfe`` still counts their cost.
 
     Returns:
         :class:`OptimizedSigmas` with the grid and the calibration errors before and after.
@@ -176,10 +205,11 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
                          f"sigma_max down to >= sigma_min, then 0; got {init.tolist()}")
     max_trials = max(40, 60 * (n - 1)) if max_trials is None else int(max_trials)
 
-    x, target, models, chunks = _calibration_set(
-        counted, float(init[0]), shape=shape, generator=generator, samples=samples,
+    x, target = _calibration_set(
+        denoiser, float(init[0]), shape=shape, generator=generator, samples=samples,
         ref_sigma=ref_sigma, ref_steps=ref_steps, batch_size=batch_size, dtype=dtype,
-        device=device, cond=cond)
+        device=device, cond=cond, cache=cache)
+    chunks, models = _chunked(counted, samples, batch_size, cond)
 
     top, lo = math.log(float(init[0])), math.log(sigma_min)
     trials = [0]
@@ -212,7 +242,7 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
     best, best_err = (res.x, float(res.fun)) if res.fun < init_error else (u0, init_error)
     return OptimizedSigmas(sigmas=grid_of(best), init_sigmas=init, error=best_err,
                            init_error=init_error, trials=trials[0],
-                           nfe=calls[0] // len(chunks))
+                           nfe=target_calls(ref_steps) + calls[0] // len(chunks))
 
 
 @dataclass
@@ -258,7 +288,8 @@ def tune_coefficients(denoiser: Callable,
                       eval_every: int = 25, ref_steps: int = 200,
                       ref_sigma: float | None = None, dtype: torch.dtype = torch.float32,
                       device: torch.device | str = "cpu",
-                      cond: dict[str, torch.Tensor] | None = None) -> TunedSolver:
+                      cond: dict[str, torch.Tensor] | None = None,
+                      cache: dict | None = None) -> TunedSolver:
     """Tune UniPC's coefficients on the grid ``sigmas`` to ``denoiser``: a learned solver with
     the grid held fixed (see :mod:`sfumato.samplers.tuned` for the form and the papers).
 
@@ -282,9 +313,8 @@ def tune_coefficients(denoiser: Callable,
     The denoiser must be differentiable in x (a network or :class:`sfumato.toy.GaussianMixture`);
     memory grows with ``minibatch`` x steps. ``cond``: tensors with ``samples`` rows.
     Tune on the grid you will sample with (e.g. ``optimize_sigmas(...).sigmas``).
+    ``cache``: see :func:`optimize_sigmas` (calibration sets solved once per denoiser).
     """
-    from .samplers.tuned import run_table, unipc_table
-
     cands = (list(sigmas) if isinstance(sigmas, (list, tuple)) and sigmas
              and torch.is_tensor(sigmas[0]) and sigmas[0].ndim == 1 else [sigmas])
     tables = [unipc_table(c, order=order, variant=variant) for c in cands]
@@ -307,10 +337,10 @@ def tune_coefficients(denoiser: Callable,
     if ref_sigma is None:
         ref_sigma = min(t.sigmas[-2] for t in tables)
     with torch.no_grad():
-        x, target, _, _ = _calibration_set(
-            counted, first[0], shape=shape, generator=generator, samples=samples,
+        x, target = _calibration_set(
+            denoiser, first[0], shape=shape, generator=generator, samples=samples,
             ref_sigma=float(ref_sigma), ref_steps=ref_steps, batch_size=None, dtype=dtype,
-            device=device, cond=cond)
+            device=device, cond=cond, cache=cache)
     n_val = max(1, round(samples * holdout))
     val, train = torch.arange(samples - n_val, samples), torch.arange(samples - n_val)
 
@@ -365,4 +395,5 @@ def tune_coefficients(denoiser: Callable,
             if err < best_err:
                 best, best_err, best_iter = snapshot(), err, it
     return TunedSolver(table=best, init_table=table, error=best_err, init_error=init_error,
-                       iters=done, best_iter=best_iter, nfe=calls[0] // samples)
+                       iters=done, best_iter=best_iter,
+                       nfe=target_calls(ref_steps) + calls[0] // samples)

@@ -106,14 +106,14 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if args.class_label is not None and not (model.num_classes or "classifier" in guides):
         raise UsageError("--class needs a class-conditional model (or --classifier); this one "
                          "is unconditional")
-    sampler, sigmas, table = args.sampler, None, {}
+    sampler, sigmas, tabled = args.sampler, None, {}
     if args.sigmas:
-        sigmas, grid_sampler, table = _read_grid(args.sigmas)
+        sigmas, grid_sampler, tabled = _read_grid(args.sigmas)
         sampler = sampler or grid_sampler
-        if table and sampler != "tabulated":
+        if tabled and sampler != "tabulated":
             raise UsageError(f"{args.sigmas} holds a tuned solver: leave out --sampler (or "
                              "use --sampler tabulated)")
-    kw = {**table, "sampler": sampler, "steps": args.steps, "guidance": args.guidance,
+    kw = {**tabled, "sampler": sampler, "steps": args.steps, "guidance": args.guidance,
           "sigmas": sigmas,
           "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
           "guidance_rescale": args.guidance_rescale, **guides}
@@ -186,10 +186,13 @@ def _cmd_optimize_grid(args: argparse.Namespace) -> int:
         model = load(args.run)
     except CheckpointError as e:
         raise UsageError(str(e)) from None
+    from .samplers.tuned import UNIPC_VARIANTS
+
     sampler = args.sampler or model.config["sample"].get("sampler", "heun")
-    if args.tune and sampler not in ("unipc_bh1", "unipc_bh2"):
-        raise UsageError("--tune tunes UniPC's coefficients: use --sampler unipc_bh1 or "
-                         f"unipc_bh2 (got {sampler!r})")
+    if args.tune and sampler not in UNIPC_VARIANTS:
+        raise UsageError("--tune tunes UniPC's coefficients: use --sampler unipc_bh1 (or "
+                         f"{', '.join(v for v in UNIPC_VARIANTS if v != 'unipc_bh1')}); "
+                         f"got {sampler!r}")
     try:
         fit = model.optimize_sigmas(args.steps, sampler=sampler, samples=args.samples,
                                     seed=args.seed, batch_size=args.batch_size)
@@ -198,7 +201,8 @@ def _cmd_optimize_grid(args: argparse.Namespace) -> int:
         print(f"calibration error {fit.init_error:.3e} -> {fit.error:.3e} ({sampler}, "
               f"{args.steps} steps, {args.samples} draws, {fit.nfe} calls per draw)")
         if args.tune:
-            tuned = model.tune_solver(args.steps, variant=sampler[-3:], sigmas=fit.sigmas,
+            tuned = model.tune_solver(args.steps, variant=UNIPC_VARIANTS[sampler],
+                                      sigmas=fit.sigmas,
                                       samples=args.samples, seed=args.seed + 1)
             record.update({"sampler": "tabulated", "table": tuned.table.to_dict(),
                            "tuning": {k: v for k, v in tuned.to_dict().items()

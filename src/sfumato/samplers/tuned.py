@@ -33,7 +33,10 @@ import torch
 from ._common import Callback, Generator, finish, lms_weights, prepare, report
 from ._exp import log_ratio, step_order
 
-__all__ = ["StepTable", "unipc_table", "sample_tabulated", "run_table"]
+__all__ = ["StepTable", "unipc_table", "sample_tabulated", "run_table", "UNIPC_VARIANTS"]
+
+#: the UniPC samplers whose coefficients a table holds (and tuning moves): name -> variant
+UNIPC_VARIANTS = {"unipc": "bh2", "unipc_bh1": "bh1", "unipc_bh2": "bh2"}
 
 
 @dataclass
