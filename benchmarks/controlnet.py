@@ -22,8 +22,8 @@ from pathlib import Path
 from sfumato import load
 from sfumato.control import hint_iou, make_hint
 from sfumato.data import get_dataset
+from sfumato.files import write_json_atomic
 from sfumato.metrics import evaluate_images
-from sfumato.train.checkpoint import write_json_atomic
 from sfumato.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     x, y = data.heldout, data.heldout_labels
     hints = make_hint(args.hint, x)
     labels = y if base.num_classes else None
-    with_c = ctrl.sample(len(x), hint=hints, class_labels=labels, seed=args.seed)
-    without = base.sample(len(x), class_labels=labels, seed=args.seed)
+    with_c = ctrl.sample(len(x), hint=hints, class_labels=labels, seed=args.seed).x
+    without = base.sample(len(x), class_labels=labels, seed=args.seed).x
     iou_c = hint_iou(make_hint(args.hint, with_c), hints)
     iou_b = hint_iou(make_hint(args.hint, without), hints)
     m = evaluate_images(with_c, data, labels=labels, floor_repeats=1)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from sfumato import load
-from sfumato.api import sample_from
 from sfumato.data import get_dataset
+from sfumato.files import write_json_atomic
 from sfumato.guidance import AutoGuidance, ClassifierFreeGuidance, ClassifierGuidance
 from sfumato.metrics import evaluate_images
-from sfumato.train.checkpoint import write_json_atomic
+from sfumato.samplers import sample_from
 from sfumato.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

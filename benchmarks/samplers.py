@@ -9,7 +9,8 @@ The model is a Gaussian mixture with a closed-form denoiser, so the only error l
 solver's. Each method starts from the same noise and is scored by the RMS distance of its
 output to the exact probability-flow ODE solution (a fine RK4 reference in float64); NFE is
 counted by wrapping the model. diffusers schedulers see the mixture as an eps-prediction
-network in VP coordinates. Setting and conventions: see the docstring of ``sfumato.bench``.
+network in VP coordinates. Setting and conventions: see the docstrings of the modules of
+``sfumato.bench`` (problem, runner, calibrated, diffusers_adapters).
 
 Prints the table (rows = method, columns = NFE, values = RMS error), then per NFE the best
 sfumato configuration, the best diffusers configuration and their ratio with its 90 % paired
@@ -27,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from sfumato import bench
+from sfumato import bench, sigmas
 from sfumato.samplers import STOCHASTIC
 
 BAR_NFES = (5, 10, 20)
@@ -45,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="NFE budgets (default: 5 10 20 50)")
     p.add_argument("--samplers", nargs="+", default=None,
                    help="sfumato samplers (default: every deterministic one)")
-    p.add_argument("--grids", nargs="+", default=None, choices=sorted(bench.GRIDS),
-                   help="sigma grids (default: all)")
+    p.add_argument("--grids", nargs="+", default=None, metavar="SPEC",
+                   help="sigma grids by sfumato.sigmas name, optionally with keywords (default: "
+                        f"{' '.join(bench.DEFAULT_GRIDS)}; names: {', '.join(sigmas.GRIDS)})")
     p.add_argument("--optimize", nargs="*", default=["unipc_bh1"], metavar="SAMPLER",
                    help="samplers that also run on a grid optimised for this model "
                         "(sfumato.calibrate; default: %(default)s; none: --optimize)")
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         nfes = bench.check_nfes(args.nfe)
+        for spec in args.grids or ():
+            bench.parse_grid(spec)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
         grids = grids or ["karras", "loglinear", "uniform_t", "trailing"]
     cfgs = []
     notes = []
+    stochastic_peers: tuple[str, ...] = ()
     if args.no_diffusers:
         notes.append("diffusers left out on request")
     elif bench.diffusers_available():
         import diffusers
 
-        cfgs = bench.diffusers_configs(level)
+        from sfumato.bench.diffusers_adapters import DIFFUSERS_STOCHASTIC, diffusers_configs
+
+        cfgs, stochastic_peers = diffusers_configs(level), DIFFUSERS_STOCHASTIC
         notes.append(f"diffusers {diffusers.__version__}: {len(cfgs)} configurations "
                      f"before de-duplication; eps model evaluated at the "
                      f"{'sigma the scheduler assumes' if args.sigma_source == 'scheduler' else 'sigma(t) of the timestep passed'}")  # noqa: E501
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
               "(where first-order last steps level off)")
         print(f"setup {time.perf_counter() - t0:.1f} s\n", flush=True)
         bench_out = bench.run_benchmark(
-            problem, samplers=args.samplers, grids_=grids, diffusers=cfgs, nfes=nfes,
+            problem, samplers=args.samplers, grids=grids, diffusers=cfgs, nfes=nfes,
             rk45=not args.no_rk45, sigma_source=args.sigma_source, progress=args.progress,
             log=lambda m: print(m, flush=True), optimize=args.optimize,
             optimize_nfes=args.optimize_nfe, calibration_samples=cal, tune=args.tune,
@@ -133,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     results = bench_out["results"]
     notes += bench_out["notes"]
     notes.append("stochastic samplers are left out (they do not converge to the ODE "
-                 f"solution): sfumato {', '.join(sorted(STOCHASTIC))}; diffusers "
-                 f"{', '.join(bench.DIFFUSERS_STOCHASTIC)}")
+                 f"solution): sfumato {', '.join(sorted(STOCHASTIC))}"
+                 + (f"; diffusers {', '.join(stochastic_peers)}" if stochastic_peers else ""))
     notes.append("rk45 (adaptive) picks, per NFE, the tolerance with the least error within "
                  "the budget; it is not in the best-of")
     notes.append("each cell uses the most steps whose counted NFE fits the budget "
@@ -155,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(r.get("ratio_generic") is not None for r in bar_rows):
             shown = ", ".join(f"{k}: {summary[k].get('ratio_generic', summary[k]['ratio']):.2f}"
                               for k in BAR_NFES if k in summary)
-            print(f"  without {bench.OPTIMIZED} grids or {bench.TUNED} solvers: {shown}")
+            print(f"  without the methods fitted to the model: {shown}")
     print()
     for n in notes:
         print(f"note: {n}")
@@ -170,27 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(payload, indent=2, default=str))
         print(f"wrote {args.json}")
     if args.plot:
-        best = _best_methods(results, nfes, per_family=5)
+        best = bench.best_methods(results, per_group=5)
         bench.plot_errors([r for r in results if r.method in best], nfes, args.plot,
                           title=f"{args.mixture} mixture, VP {args.schedule}: best methods")
         print(f"wrote {args.plot}")
     return 0
-
-
-def _best_methods(results, nfes, per_family: int) -> set[str]:
-    """The methods with the lowest geometric-mean error over the NFEs, per family."""
-    import math
-
-    score: dict[tuple[str, str], list[float]] = {}
-    for r in results:
-        if r.family in ("sfumato", "diffusers"):
-            e = r.error if r.valid else 10.0
-            score.setdefault((r.family, r.method), []).append(math.log(max(e, 1e-12)))
-    best: set[str] = set()
-    for fam in ("sfumato", "diffusers"):
-        ranked = sorted((sum(v) / len(v), m) for (f, m), v in score.items() if f == fam)
-        best |= {m for _, m in ranked[:per_family]}
-    return best
 
 
 if __name__ == "__main__":

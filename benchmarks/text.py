@@ -25,9 +25,9 @@ import torch
 
 from sfumato import load
 from sfumato.data import get_dataset
+from sfumato.files import write_json_atomic
 from sfumato.metrics import evaluate_images
 from sfumato.text import NUMBER_WORDS, digit_attributes
-from sfumato.train.checkpoint import write_json_atomic
 
 PHRASINGS = ("the digit {w}", "a {k}", "handwritten {k}", "number {w}")
 PAIRS = {"thickness": ("thin", "thick"), "slant": ("left-leaning", "right-leaning"),
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [p.format(k=k, w=NUMBER_WORDS[k]) for k in range(10) for p in PHRASINGS]
         xs, ys = [], []
         for i, p in enumerate(prompts):
-            xs.append(model.sample(args.n, prompt=p, guidance=w, seed=args.seed + i))
-            ys.append(model.last_labels)
+            drawn = model.sample(args.n, prompt=p, guidance=w, seed=args.seed + i)
+            xs.append(drawn.x)
+            ys.append(drawn.labels)
         x, y = torch.cat(xs), torch.cat(ys)
         m = evaluate_images(x, data, labels=y, floor_repeats=1)
         row = {"guidance": w, "accuracy": m["accuracy"], "fd": m["fd"],
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             means = []
             for j, word in enumerate((low, high)):
                 x = model.sample(args.n, prompt=f"a {word} {k}", guidance=w_attr,
-                                 seed=args.seed + 1000 + 10 * k + j)
+                                 seed=args.seed + 1000 + 10 * k + j).x
                 means.append(float(digit_attributes(x)[attr].mean()))
             diffs.append(means[1] - means[0])
         d = torch.tensor(diffs)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from sfumato import sigmas as S
+
 #: a tiny class-conditional U-Net for 8x8 digits (a model config section)
 TINY_UNET = {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 16,
              "channel_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False,
@@ -24,3 +26,24 @@ def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.
 def gen(seed: int = 0) -> torch.Generator:
     """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
+
+
+#: the sigma range of the 2-D ODE truth tests (the ``ode_case`` fixture and its users)
+SMAX, SMIN = 20.0, 0.05
+
+
+def check_options_finite_deterministic_no_inplace(gm, sampler, kw: dict) -> None:
+    """A sampler with non-default options ``kw`` is finite at 1..10 steps, deterministic, keeps
+    its inputs and, with per-sample generators, gives a sample independent of its batch."""
+    x = 80.0 * torch.randn(5, 2, generator=torch.Generator().manual_seed(3))
+    gens = lambda idx: [torch.Generator().manual_seed(100 + i) for i in idx]  # noqa: E731
+    for n in range(1, 11):
+        sig = S.karras(n, 0.002, 80.0)
+        x_copy, sig_copy = x.clone(), sig.clone()
+        a = sampler(gm, x, sig, generator=gens(range(5)), **kw)
+        b = sampler(gm, x, sig, generator=gens(range(5)), **kw)
+        assert torch.isfinite(a).all() and a.dtype == x.dtype
+        assert torch.equal(a, b)
+        assert torch.equal(x, x_copy) and torch.equal(sig, sig_copy)
+    alone = sampler(gm, x[3:4], sig, generator=gens([3]), **kw)
+    torch.testing.assert_close(alone[0], a[3])

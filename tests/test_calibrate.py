@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from sfumato import bench, sigmas
+from sfumato.accuracy import rms
 from sfumato.calibrate import optimize_sigmas
-from sfumato.check import rms
 from sfumato.samplers import get_sampler
 
 
@@ -88,20 +88,20 @@ def test_bad_input_is_refused(problem, kw, message):
 def test_benchmark_runs_optimised_grids_only_where_asked():
     with bench.torch_threads(1):
         pr = bench.make_problem("gmm2d", "scaled_linear", batch=16, seed=0, ref_steps=100)
-        out = bench.run_benchmark(pr, samplers=["euler"], grids_=["karras"], nfes=[5, 10],
+        out = bench.run_benchmark(pr, samplers=["euler"], grids=["karras"], nfes=[5, 10],
                                   rk45=False, log=None, optimize=["unipc_bh1"],
                                   optimize_nfes=[5], calibration_samples=64)
     rows = {(r.method, r.nfe_target): r for r in out["results"]}
-    opt5, opt10 = rows[("unipc_bh1 / optimized", 5)], rows[("unipc_bh1 / optimized", 10)]
-    assert opt5.valid and opt5.nfe == 5 and opt5.config["calibration"]["samples"] == 64
-    assert len(opt5.config["calibration"]["sigmas"]) == 6  # the grid it ran, for the JSON
-    assert opt10.status == "skipped"
+    opt5, opt10 = (rows[("unipc_bh1 / optimized grid", k)] for k in (5, 10))
+    assert opt5.valid and opt5.nfe == 5 and opt5.config["fit"]["samples"] == 64
+    assert len(opt5.config["fit"]["sigmas"]) == 6  # the grid it ran, for the JSON
+    assert opt10.status == "skipped" and opt10.calibration == bench.OPTIMIZED
     assert any("calibration draws" in n for n in out["notes"])
     # the summary names the best method with and without optimised grids
     diff = dataclasses.replace(rows[("euler / karras", 5)], family="diffusers", method="X")
     s = bench.summarize([opt5, rows[("euler / karras", 5)], diff], [5])[5]
-    assert s["sfumato"] == "unipc_bh1 / optimized"
+    assert s["sfumato"] == "unipc_bh1 / optimized grid"
     assert s["sfumato_generic"] == "euler / karras" and s["ratio_generic"] == pytest.approx(1.0)
-    assert "without optimized grids" in bench.format_summary({5: s})
+    assert "without fitted methods" in bench.format_summary({5: s})
     with pytest.raises(ValueError, match="stochastic"):
         bench.run_benchmark(pr, samplers=["euler"], nfes=[5], optimize=["ddpm"], log=None)

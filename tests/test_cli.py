@@ -59,6 +59,27 @@ def test_clear_errors(run, capsys, tmp_path):
     assert main(["train", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r")]) == 2
 
 
+def test_own_errors_are_one_line_and_bugs_keep_their_traceback(run, capsys, monkeypatch):
+    """A SfumatoError (bad input) is one line, exit 2; --debug shows its traceback. Any other
+    exception is a bug (in sfumato or torch), not a usage mistake: it propagates."""
+    from sfumato import model as model_module
+    from sfumato.errors import UsageError
+
+    args = ["sample", str(run / "run"), "--n", "2", "--out", str(run / "e.png")]
+    assert main([*args, "--sampler", "tabulated"]) == 2  # argparse takes it; the API refuses
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sfumato sample: error:" in err and "table" in err
+    with pytest.raises(UsageError):
+        main(["--debug", *args, "--guidance", "nan"])
+
+    def broken(*a, **k):
+        raise RuntimeError("an internal failure")
+
+    monkeypatch.setattr(model_module, "sample_from", broken)
+    with pytest.raises(RuntimeError, match="an internal failure"):
+        main(args)
+
+
 def test_evaluate(run, capsys):
     assert main(["evaluate", str(run / "run"), "--n", "30", "--steps", "2", "--all"]) == 0
     out = capsys.readouterr().out
@@ -84,17 +105,18 @@ def test_optimize_grid_then_sample_with_it(run, capsys):
     s = data["sigmas"]
     assert data["sampler"] == "unipc_bh1" and len(s) == 4 and s[-1] == 0
     assert all(a > b for a, b in zip(s, s[1:], strict=False))
-    assert data["error"] <= data["init_error"] and data["nfe"] > 801
+    # the fit has to improve on its start (on a 3-step model, by orders of magnitude)
+    assert data["error"] < 0.1 * data["init_error"] and data["nfe"] > 801
     assert "calibration error" in capsys.readouterr().out
     out = run / "opt.npz"
     assert main(["sample", str(run / "run"), "--n", "4", "--sigmas", str(grid),
                  "--out", str(out)]) == 0
     # the same as passing the grid and its sampler to the API
-    from sfumato.api import load
+    from sfumato.model import load
 
     model = load(run / "run")
-    x = model.sample(4, sampler="unipc_bh1", sigmas=s)
-    assert (np.load(out)["images"] == model.to_uint8(x)).all()
+    drawn = model.sample(4, sampler="unipc_bh1", sigmas=s)
+    assert (np.load(out)["images"] == drawn.to_uint8()).all()
     bad = run / "bad.json"
     bad.write_text('{"levels": [1, 0]}')
     assert main(["sample", str(run / "run"), "--sigmas", str(bad), "--out", str(out)]) == 2
@@ -110,18 +132,18 @@ def test_optimize_grid_tune_then_sample_with_it(run, capsys):
                  "--samples", "32", "--tune", "--out", str(grid)]) == 0
     data = json.loads(grid.read_text())
     assert data["sampler"] == "tabulated" and data["table"]["sigmas"] == data["sigmas"]
-    assert data["tuning"]["error"] <= data["tuning"]["init_error"]
+    assert data["tuning"]["error"] < 0.5 * data["tuning"]["init_error"]  # held-out draws
     assert "tuned coefficients" in capsys.readouterr().out
     out = run / "tuned.npz"
     assert main(["sample", str(run / "run"), "--n", "4", "--sigmas", str(grid),
                  "--out", str(out)]) == 0
-    from sfumato.api import load
+    from sfumato.model import load
     from sfumato.samplers.tuned import StepTable
 
     model = load(run / "run")
-    x = model.sample(4, sampler="tabulated", sigmas=data["sigmas"],
-                     table=StepTable.from_dict(data["table"]))
-    assert (np.load(out)["images"] == model.to_uint8(x)).all()
+    drawn = model.sample(4, sampler="tabulated", sigmas=data["sigmas"],
+                         table=StepTable.from_dict(data["table"]))
+    assert (np.load(out)["images"] == drawn.to_uint8()).all()
     # a tuned file with another sampler named is refused, not silently mixed
     assert main(["sample", str(run / "run"), "--sigmas", str(grid), "--sampler", "heun",
                  "--out", str(out)]) == 2

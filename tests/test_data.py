@@ -137,9 +137,9 @@ def test_batches_deterministic_and_sharded():
 
 
 def test_config_errors_list_valid_choices():
-    with pytest.raises(ValueError, match="Did you mean 'digits'.*Valid: .*mnist"):
+    with pytest.raises(ValueError, match="did you mean 'digits'.*valid: .*mnist"):
         get_dataset({"name": "digts"})
-    with pytest.raises(ValueError, match="Did you mean 'size'"):
+    with pytest.raises(ValueError, match="did you mean 'size'"):
         get_dataset({"name": "digits", "sise": 16})
     with pytest.raises(ValueError, match="needs 'path', 'size'"):
         get_dataset({"name": "folder"})

@@ -13,8 +13,8 @@ from sfumato.denoiser import (
     target_from_x0,
     x0_from_target,
 )
+from sfumato.mixture import random_mixture
 from sfumato.process import EDM, VE, RectifiedFlow, VPContinuous, VPDiscrete
-from sfumato.toy import random_mixture
 
 D = torch.float64
 g = torch.Generator().manual_seed(0)

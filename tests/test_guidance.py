@@ -1,5 +1,6 @@
 """Guidance wrappers checked against a class-conditional Gaussian mixture, where the
-conditional denoiser and the noisy classifier p(y | x, sigma) are exact."""
+conditional denoiser and the noisy classifier p(y | x, sigma) are exact (the ``class_gm``
+fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from sfumato import sigmas as S
-from sfumato.check import CountingDenoiser, sliced_wasserstein
+from sfumato.accuracy import CountingDenoiser, sliced_wasserstein
 from sfumato.guidance import (
     AutoGuidance,
     ClassifierFreeGuidance,
@@ -15,13 +16,7 @@ from sfumato.guidance import (
     NoisyClassifier,
     in_interval,
 )
-from sfumato.samplers import SAMPLERS, STOCHASTIC
-from sfumato.toy import GaussianMixture, random_mixture
-
-
-@pytest.fixture(scope="module")
-def gm() -> GaussianMixture:
-    return random_mixture(dim=3, k=6, num_classes=3, generator=torch.Generator().manual_seed(7))
+from sfumato.samplers import SAMPLERS
 
 
 def _xy(gm, sigma=1.5, n=64, seed=0):
@@ -35,37 +30,37 @@ def _exact_classifier(gm):
     return lambda x, sigma: gm.class_log_posterior(x, sigma)
 
 
-def test_mixture_conditional_pieces_are_consistent(gm):
+def test_mixture_conditional_pieces_are_consistent(class_gm):
     """Bayes: sum_y p(y|x) D(x|y) = D(x); the classifier's posteriors sum to one; the
     conditional score equals score + grad log p(y|x) (checked by autograd)."""
-    x, y = _xy(gm)
-    lp = gm.class_log_posterior(x, 1.5)
+    x, y = _xy(class_gm)
+    lp = class_gm.class_log_posterior(x, 1.5)
     assert torch.allclose(lp.exp().sum(1), torch.ones(len(x), dtype=lp.dtype), atol=1e-12)
-    mix = sum(lp[:, c, None].exp() * gm.denoise(x, 1.5, torch.full((len(x),), c))
-              for c in range(gm.num_classes))
-    assert torch.allclose(mix, gm.denoise(x, 1.5), atol=1e-10)
-    null = torch.full((len(x),), gm.num_classes)
-    assert torch.equal(gm.denoise(x, 1.5, null), gm.denoise(x, 1.5))
+    mix = sum(lp[:, c, None].exp() * class_gm.denoise(x, 1.5, torch.full((len(x),), c))
+              for c in range(class_gm.num_classes))
+    assert torch.allclose(mix, class_gm.denoise(x, 1.5), atol=1e-10)
+    null = torch.full((len(x),), class_gm.num_classes)
+    assert torch.equal(class_gm.denoise(x, 1.5, null), class_gm.denoise(x, 1.5))
 
 
 @pytest.mark.parametrize("w", [0.0, 0.5, 1.0, 3.0])
-def test_cfg_is_the_linear_mix_and_one_batched_call(gm, w):
-    x, y = _xy(gm)
-    counted = CountingDenoiser(gm)
-    cfg = ClassifierFreeGuidance(counted, w, uncond={"class_labels": gm.num_classes})
+def test_cfg_is_the_linear_mix_and_one_batched_call(class_gm, w):
+    x, y = _xy(class_gm)
+    counted = CountingDenoiser(class_gm)
+    cfg = ClassifierFreeGuidance(counted, w, uncond={"class_labels": class_gm.num_classes})
     out = cfg(x, torch.tensor(1.5), class_labels=y)
-    dc, du = gm.denoise(x, 1.5, y), gm.denoise(x, 1.5)
+    dc, du = class_gm.denoise(x, 1.5, y), class_gm.denoise(x, 1.5)
     assert torch.allclose(out, du + w * (dc - du), atol=1e-10)
     assert counted.nfe == 1  # cond and uncond in one forward pass (or the cond one at w=1)
     if w == 1.0:
         assert torch.equal(out, dc)
 
 
-def test_cfg_batched_equals_two_passes_and_per_sample_sigma(gm):
-    x, y = _xy(gm)
+def test_cfg_batched_equals_two_passes_and_per_sample_sigma(class_gm):
+    x, y = _xy(class_gm)
     sig = torch.linspace(0.2, 4.0, len(x), dtype=torch.float64)
-    batched = ClassifierFreeGuidance(gm, 2.5, uncond={"class_labels": gm.num_classes})
-    two_pass = ClassifierFreeGuidance(gm, 2.5, uncond={"class_labels": None})
+    batched = ClassifierFreeGuidance(class_gm, 2.5, uncond={"class_labels": class_gm.num_classes})
+    two_pass = ClassifierFreeGuidance(class_gm, 2.5, uncond={"class_labels": None})
     a, b = batched(x, sig, class_labels=y), two_pass(x, sig, class_labels=y)
     assert torch.allclose(a, b, atol=1e-12)
     ref = torch.stack([batched(x[i:i + 1], sig[i], class_labels=y[i:i + 1])[0]
@@ -73,15 +68,15 @@ def test_cfg_batched_equals_two_passes_and_per_sample_sigma(gm):
     assert torch.allclose(a, ref, atol=1e-12)
 
 
-def test_cfg_interval_guides_only_inside(gm):
-    x, y = _xy(gm)
-    counted = CountingDenoiser(gm)
-    cfg = ClassifierFreeGuidance(counted, 3.0, uncond={"class_labels": gm.num_classes},
+def test_cfg_interval_guides_only_inside(class_gm):
+    x, y = _xy(class_gm)
+    counted = CountingDenoiser(class_gm)
+    cfg = ClassifierFreeGuidance(counted, 3.0, uncond={"class_labels": class_gm.num_classes},
                                  sigma_interval=(0.5, 2.0))
-    assert torch.equal(cfg(x, 3.0, class_labels=y), gm.denoise(x, 3.0, y))  # above hi
-    assert torch.equal(cfg(x, 0.5, class_labels=y), gm.denoise(x, 0.5, y))  # lo excluded
+    assert torch.equal(cfg(x, 3.0, class_labels=y), class_gm.denoise(x, 3.0, y))  # above hi
+    assert torch.equal(cfg(x, 0.5, class_labels=y), class_gm.denoise(x, 0.5, y))  # lo excluded
     inside = cfg(x, 2.0, class_labels=y)  # hi included
-    dc, du = gm.denoise(x, 2.0, y), gm.denoise(x, 2.0)
+    dc, du = class_gm.denoise(x, 2.0, y), class_gm.denoise(x, 2.0)
     assert torch.allclose(inside, du + 3 * (dc - du), atol=1e-10)
     assert counted.nfe == 3
     mask = in_interval(torch.tensor([0.1, 0.5, 1.0, 2.0, 9.0]), 5, (0.5, 2.0), x.device)
@@ -90,78 +85,59 @@ def test_cfg_interval_guides_only_inside(gm):
         in_interval(1.0, 2, (2.0, 1.0), x.device)
 
 
-def test_cfg_rescale_matches_conditional_std(gm):
-    x, y = _xy(gm, sigma=3.0)
-    plain = ClassifierFreeGuidance(gm, 4.0, uncond={"class_labels": gm.num_classes})
-    full = ClassifierFreeGuidance(gm, 4.0, uncond={"class_labels": gm.num_classes},
+def test_cfg_rescale_matches_conditional_std(class_gm):
+    x, y = _xy(class_gm, sigma=3.0)
+    plain = ClassifierFreeGuidance(class_gm, 4.0, uncond={"class_labels": class_gm.num_classes})
+    full = ClassifierFreeGuidance(class_gm, 4.0, uncond={"class_labels": class_gm.num_classes},
                                   rescale=1.0)
-    half = ClassifierFreeGuidance(gm, 4.0, uncond={"class_labels": gm.num_classes},
+    half = ClassifierFreeGuidance(class_gm, 4.0, uncond={"class_labels": class_gm.num_classes},
                                   rescale=0.5)
-    dc = gm.denoise(x, 3.0, y)
+    dc = class_gm.denoise(x, 3.0, y)
     r = full(x, 3.0, class_labels=y)
     assert torch.allclose(r.std(dim=1), dc.std(dim=1), rtol=1e-10)
     p = plain(x, 3.0, class_labels=y)
     assert torch.allclose(half(x, 3.0, class_labels=y), 0.5 * r + 0.5 * p, atol=1e-12)
     with pytest.raises(ValueError, match="rescale"):
-        ClassifierFreeGuidance(gm, 2.0, uncond={}, rescale=1.5)
+        ClassifierFreeGuidance(class_gm, 2.0, uncond={}, rescale=1.5)
 
 
 @pytest.mark.parametrize("s", [0.0, 1.0, 2.5])
-def test_classifier_guidance_with_exact_classifier_equals_cfg(gm, s):
+def test_classifier_guidance_with_exact_classifier_equals_cfg(class_gm, s):
     """sigma^2 grad log p(y|x) = D(x|y) - D(x) exactly, so classifier guidance at scale s on the
     unconditional model is classifier-free guidance at w = s; s = 1 is the conditional model."""
-    x, y = _xy(gm)
-    cg = ClassifierGuidance(gm, _exact_classifier(gm), s)
-    cfg = ClassifierFreeGuidance(gm, s, uncond={"class_labels": gm.num_classes})
+    x, y = _xy(class_gm)
+    cg = ClassifierGuidance(class_gm, _exact_classifier(class_gm), s)
+    cfg = ClassifierFreeGuidance(class_gm, s, uncond={"class_labels": class_gm.num_classes})
     with torch.no_grad():  # the classifier gradient must still be taken
         out = cg(x, torch.tensor(1.5, dtype=torch.float64), class_labels=y)
     assert torch.allclose(out, cfg(x, 1.5, class_labels=y), atol=1e-9)
     if s == 1.0:
-        assert torch.allclose(out, gm.denoise(x, 1.5, y), atol=1e-9)
+        assert torch.allclose(out, class_gm.denoise(x, 1.5, y), atol=1e-9)
 
 
-def test_classifier_guidance_conditional_model_and_interval(gm):
-    x, y = _xy(gm)
-    cg = ClassifierGuidance(gm, _exact_classifier(gm), 2.0, condition_denoiser=True,
+def test_classifier_guidance_conditional_model_and_interval(class_gm):
+    x, y = _xy(class_gm)
+    cg = ClassifierGuidance(class_gm, _exact_classifier(class_gm), 2.0, condition_denoiser=True,
                             sigma_interval=(1.0, 2.0))
-    dc = gm.denoise(x, 1.5, y)
-    expect = dc + 2.0 * (dc - gm.denoise(x, 1.5))
+    dc = class_gm.denoise(x, 1.5, y)
+    expect = dc + 2.0 * (dc - class_gm.denoise(x, 1.5))
     assert torch.allclose(cg(x, 1.5, class_labels=y), expect, atol=1e-9)
-    assert torch.equal(cg(x, 3.0, class_labels=y), gm.denoise(x, 3.0, y))
+    assert torch.equal(cg(x, 3.0, class_labels=y), class_gm.denoise(x, 3.0, y))
 
 
-def test_autoguidance_mix(gm):
-    x, y = _xy(gm)
-    bad = lambda x, s, **c: 0.8 * gm.denoise(x, s, **c)  # noqa: E731
-    ag = AutoGuidance(gm, bad, 2.0)
-    good_x0 = gm.denoise(x, 1.5, y)
+def test_autoguidance_mix(class_gm):
+    x, y = _xy(class_gm)
+    bad = lambda x, s, **c: 0.8 * class_gm.denoise(x, s, **c)  # noqa: E731
+    ag = AutoGuidance(class_gm, bad, 2.0)
+    good_x0 = class_gm.denoise(x, 1.5, y)
     assert torch.allclose(ag(x, 1.5, class_labels=y), 0.8 * good_x0 + 2 * 0.2 * good_x0,
                           atol=1e-12)
-    assert torch.equal(AutoGuidance(gm, bad, 1.0)(x, 1.5, class_labels=y), good_x0)
-    assert torch.allclose(AutoGuidance(gm, gm, 5.0)(x, 1.5), gm.denoise(x, 1.5), atol=1e-12)
+    assert torch.equal(AutoGuidance(class_gm, bad, 1.0)(x, 1.5, class_labels=y), good_x0)
+    assert torch.allclose(AutoGuidance(class_gm, class_gm, 5.0)(x, 1.5), class_gm.denoise(x, 1.5),
+                          atol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
-def test_every_sampler_runs_guided(gm, name):
-    """Each sampler with CFG at w = 1 gives the conditional model's result, and at w = 3 a
-    finite one; conditioning reaches the denoiser through the sampler's **cond."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(16, 3, generator=g, dtype=torch.float64) * 20
-    y = torch.arange(16) % gm.num_classes
-    sig = S.karras(8, 0.05, 20.0)
-    fn = SAMPLERS[name]
-    kw = {"generator": torch.Generator().manual_seed(1)} if name in STOCHASTIC else {}
-    one = ClassifierFreeGuidance(gm, 1.0, uncond={"class_labels": gm.num_classes})
-    a = fn(one, x, sig, class_labels=y, **kw)
-    kw = {"generator": torch.Generator().manual_seed(1)} if name in STOCHASTIC else {}
-    b = fn(gm, x, sig, class_labels=y, **kw)
-    assert torch.equal(a, b)
-    three = ClassifierFreeGuidance(gm, 3.0, uncond={"class_labels": gm.num_classes})
-    kw = {"generator": torch.Generator().manual_seed(1)} if name in STOCHASTIC else {}
-    assert torch.isfinite(fn(three, x, sig, class_labels=y, **kw)).all()
-
-
-def test_guided_sampling_hits_the_class_distribution(gm):
+def test_guided_sampling_hits_the_class_distribution(class_gm):
     """Heun with classifier guidance (exact classifier, s = 1) samples p(x | y): sliced
     Wasserstein to fresh class samples within 1.5x the sample-vs-sample floor, and far from
     the unconditional distribution."""
@@ -169,21 +145,21 @@ def test_guided_sampling_hits_the_class_distribution(gm):
     g = torch.Generator().manual_seed(3)
     y = torch.full((n,), c)
     x = torch.randn(n, 3, generator=g, dtype=torch.float64) * 40
-    cg = ClassifierGuidance(gm, _exact_classifier(gm), 1.0)
+    cg = ClassifierGuidance(class_gm, _exact_classifier(class_gm), 1.0)
     out = SAMPLERS["heun"](cg, x, S.karras(40, 0.01, 40.0), class_labels=y)
-    ref1 = gm.sample(n, generator=g, class_labels=y)
-    ref2 = gm.sample(n, generator=g, class_labels=y)
+    ref1 = class_gm.sample(n, generator=g, class_labels=y)
+    ref2 = class_gm.sample(n, generator=g, class_labels=y)
     def sw(a, b):
         return sliced_wasserstein(a, b, 256, generator=torch.Generator().manual_seed(9))
 
     floor = sw(ref1, ref2)
     assert sw(out, ref1) <= 1.5 * floor
-    assert sw(gm.sample(n, generator=g), ref1) > 3 * floor
+    assert sw(class_gm.sample(n, generator=g), ref1) > 3 * floor
 
 
-def test_cfg_errors(gm):
-    x, y = _xy(gm)
-    cfg = ClassifierFreeGuidance(gm, 2.0, uncond={"class_labels": gm.num_classes})
+def test_cfg_errors(class_gm):
+    x, y = _xy(class_gm)
+    cfg = ClassifierFreeGuidance(class_gm, 2.0, uncond={"class_labels": class_gm.num_classes})
     with pytest.raises(ValueError, match="class_labels"):
         cfg(x, 1.0)
 

@@ -15,20 +15,15 @@ import torch
 
 from sfumato._rk import dopri5
 from sfumato.likelihood import bits_per_dim, divergence, log_likelihood
-from sfumato.toy import GaussianMixture, random_mixture
+from sfumato.mixture import GaussianMixture, random_mixture
 
 SIGMA_MIN = 0.002
 BAR = 1e-3  # nats per dimension
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core box the thread pool's
-    spin-waits made this file ~7x slower (119 s vs 16 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# tiny tensors gain nothing from intra-op threads; on a busy 2-core box the thread pool's
+# spin-waits made this file ~7x slower (119 s vs 16 s)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def gen(seed: int) -> torch.Generator:

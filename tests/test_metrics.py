@@ -14,8 +14,9 @@ import torch
 from _util import gen
 
 import sfumato.metrics.classifier as clf_mod
-from sfumato.check import sliced_wasserstein
+from sfumato.accuracy import sliced_wasserstein
 from sfumato.data import ImageData, get_dataset, sample_toy
+from sfumato.files import sha256_file
 from sfumato.metrics import (
     FeatureExtractor,
     evaluate_2d,
@@ -91,7 +92,7 @@ def test_2d_reuses_check_sliced_wasserstein_and_median_mmd():
     assert r["sw"] == sliced_wasserstein(x, ref, 256, generator=gen(0))
     assert mmd(x, x) == 0.0
     assert mmd(x, ref, "median") < mmd(x + 1.0, ref, "median")
-    with pytest.raises(ValueError, match="Did you mean 'moons'"):
+    with pytest.raises(ValueError, match="did you mean 'moons'"):
         evaluate_2d(x, "mons")
 
 
@@ -156,7 +157,7 @@ def test_corrupt_cache_is_detected_and_retrained_never_unpickled(tmp_path, digit
 
     weights.write_bytes(pickle.dumps(Evil()))
     meta = json.loads(sidecar.read_text())
-    meta["sha256"] = clf_mod._sha256(weights)
+    meta["sha256"] = sha256_file(weights)
     sidecar.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="unusable"):
         third = get_classifier("digits", cache=tmp_path, recipe=FAST)

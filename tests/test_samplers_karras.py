@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from sfumato import sigmas as S
-from sfumato.check import CountingDenoiser, measure_order, reference_ode, sliced_wasserstein
+from sfumato.accuracy import CountingDenoiser, measure_order, reference_ode, sliced_wasserstein
+from sfumato.mixture import random_mixture
 from sfumato.samplers import SAMPLERS
-from sfumato.toy import random_mixture
 
 MIXTURES = {
     "2d": random_mixture(2, 4, generator=torch.Generator().manual_seed(0)),

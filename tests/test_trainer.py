@@ -1,5 +1,6 @@
 """The trainer: it learns (2-D toy vs its sample floor), resumes exactly after SIGKILL,
-2-process DDP equals 1 process, and a NaN loss stops cleanly with the checkpoint intact."""
+2-process DDP equals 1 process, a NaN loss stops cleanly with the checkpoint intact; the LR
+schedule."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sfumato.train.trainer import Trainer, TrainingError, train
+from sfumato.train.trainer import Trainer, TrainingError, lr_at, train
 
 TOY = {
     "data": {"name": "moons", "n": 4000},
@@ -82,15 +83,15 @@ def test_two_process_ddp_equals_one_process(tmp_path):
 
 
 def test_learns_moons_near_the_floor(tmp_path):
-    from sfumato.api import load
     from sfumato.metrics.two_d import evaluate_2d
+    from sfumato.model import load
 
     cfg = {**TOY, "train": {**TOY["train"], "steps": 600, "batch_size": 256,
                             "checkpoint_every": 0, "log_every": 10}}
     train({**cfg, "train": {**cfg["train"], "steps": 1}}, out=tmp_path / "early", progress=False)
     train(cfg, out=tmp_path, progress=False)
-    early = evaluate_2d(load(tmp_path / "early").sample(2000, seed=0, steps=20), "moons")
-    r = evaluate_2d(load(tmp_path).sample(2000, seed=0, steps=20), "moons")
+    early = evaluate_2d(load(tmp_path / "early").sample(2000, seed=0, steps=20).x, "moons")
+    r = evaluate_2d(load(tmp_path).sample(2000, seed=0, steps=20).x, "moons")
     assert early["sw"] > 5 * r["sw"], (early, r)  # it learned
     assert r["sw"] < 1.5 * r["sw_floor"], r
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -118,3 +119,10 @@ def test_resume_with_another_config_is_refused(tmp_path):
     other = {**cfg, "model": {**cfg["model"], "hidden": 32}}
     with pytest.raises(ValueError, match="different 'model' config"):
         Trainer(other, tmp_path, progress=False)
+
+
+def test_lr_schedule():
+    cfg = {"lr": 1.0, "warmup_steps": 10, "steps": 110, "schedule": "cosine", "min_lr_ratio": 0.0}
+    assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
+    assert abs(lr_at(60, cfg) - 0.5) < 1e-12 and abs(lr_at(110, cfg)) < 1e-12
+    assert lr_at(50, {**cfg, "schedule": "constant"}) == 1.0

@@ -1,22 +1,26 @@
 """Tabulated multistep solvers (sfumato.samplers.tuned) and their tuning to a model
-(sfumato.calibrate.tune_coefficients): UniPC written as a table must be UniPC to rounding, a
-tuned table must stay exact for a constant denoiser and lower the error on noise it was not
-fitted on, and bad tables are refused with clear errors."""
+(sfumato.calibrate.tune_coefficients): UniPC's table must hold the coefficients an independent
+derivation gives (sample_unipc runs that table, so this pins the sampler too; its orders and
+exactness on polynomial denoisers are in test_exp_integrators.py), a tuned table must stay
+exact for a constant denoiser and lower the error on noise it was not fitted on, and bad
+tables are refused with clear errors."""
 
 from __future__ import annotations
 
 import itertools
+import math
 
+import numpy as np
 import pytest
 import torch
 from _util import gen
 
 from sfumato import bench, sigmas
+from sfumato.accuracy import rms
 from sfumato.calibrate import tune_coefficients
-from sfumato.check import rms
+from sfumato.mixture import random_mixture
 from sfumato.samplers import get_sampler, sample_unipc
 from sfumato.samplers.tuned import StepTable, sample_tabulated, unipc_table
-from sfumato.toy import random_mixture
 
 GM = random_mixture(dim=3, k=4, generator=gen(0))
 
@@ -37,6 +41,56 @@ def test_unipc_table_is_unipc(variant):
             a = sample_unipc(GM, g[0] * x0, g, **kw)
             b = sample_tabulated(GM, g[0] * x0, g, table=unipc_table(g, **kw))
             assert (a - b).abs().max() < 1e-11, (n, kw)
+
+
+def _exp_lagrange_weights(h: float, nodes: list[float]) -> list[float]:
+    """w_k = int_0^h e^{-(h - tau)} l_k(tau / h) dtau for the Lagrange basis l_k on
+    ``[0] + nodes`` (k >= 1): the weights that make the step exact for every denoiser that is
+    a polynomial in lambda of degree <= len(nodes). By Gauss-Legendre quadrature, independent
+    of the Vandermonde solve in sfumato.samplers.unipc."""
+    r = np.array([0.0] + nodes)
+    t, wq = np.polynomial.legendre.leggauss(40)
+    u = (t + 1) / 2  # tau / h on [0, 1]
+    kernel = h / 2 * wq * np.exp(-h * (1 - u))
+    out = []
+    for k in range(1, len(r)):
+        others = np.delete(r, k)
+        basis = np.prod([(u - o) / (r[k] - o) for o in others], axis=0)
+        out.append(float(np.sum(kernel * basis)))
+    return out
+
+
+@pytest.mark.parametrize("variant", ["bh1", "bh2"])
+def test_unipc_table_coefficients_match_an_independent_derivation(variant):
+    """Every row with two or more unknowns is UniPC's exact solve, so it must equal the weights
+    that integrate the exponential kernel against the interpolating polynomial (B cancels);
+    a row with one unknown has UniPC's a_1 = 1/2, i.e. -B(h) / (2 r). The final weights are
+    the Adams-Bashforth weights in sigma: they integrate polynomials of their degree exactly
+    from the last positive sigma to 0."""
+    for n, order, corrector, lof, fo in itertools.product(
+            (3, 5, 8, 16), (1, 2, 3, 4, 5), (True, False), (True, False), (1, 2, 3)):
+        g = sigmas.karras(n, 0.01, 20.0).tolist()
+        t = unipc_table(g, order=order, variant=variant, use_corrector=corrector,
+                        lower_order_final=lof, final_order=fo)
+        lam = [-math.log(v) for v in g[:-1]]
+        for i, (prow, crow) in enumerate(zip(t.predictor, t.corrector, strict=True)):
+            h = lam[i + 1] - lam[i]
+            nodes = [(lam[i - k] - lam[i]) / h for k in range(1, len(prow) + 1)]
+            rows = [(prow, nodes)]
+            if corrector and crow:
+                rows.append((crow, nodes + [1.0]))
+            else:  # the predictor alone, nothing on the new value
+                assert crow == prow + [0.0]
+            for row, r in rows:
+                B = -h if variant == "bh1" else math.expm1(-h)
+                want = [-B / (2 * r[0])] if len(r) == 1 else _exp_lagrange_weights(h, r)
+                assert row == pytest.approx(want, rel=1e-9, abs=1e-12), (n, order, i, r)
+        m = len(t.final)
+        assert m == min(max(fo, 1), n)
+        nodes = np.array(g[n - m:n][::-1])
+        for deg in range(m):  # int_{s_m}^0 s^deg ds
+            exact = -g[n - 1] ** (deg + 1) / (deg + 1)
+            assert float(np.dot(t.final, nodes ** deg)) == pytest.approx(exact, rel=1e-10)
 
 
 def test_tabulated_contract():
@@ -76,7 +130,7 @@ def problem():
 
 @pytest.fixture(scope="module")
 def tuned(problem):
-    grid = bench.sfumato_grid("gaussian_lte", problem.process, 5)
+    grid = problem.grid("gaussian_lte", 5)
     with bench.torch_threads(1):
         return tune_coefficients(problem.model, grid, shape=problem.model.event_shape,
                                  generator=gen(321), samples=2048, iters=200,
@@ -107,8 +161,7 @@ def test_tuned_solver_exact_for_constant_denoiser(tuned):
 
 
 def test_tune_picks_the_best_candidate_and_keeps_unipc_at_zero_iters(problem):
-    p = problem.process
-    cands = [bench.sfumato_grid(g, p, 4) for g in ("trailing", "loglinear", "karras")]
+    cands = [problem.grid(g, 4) for g in ("trailing", "loglinear", "karras")]
     with bench.torch_threads(1):
         fit = tune_coefficients(problem.model, cands, shape=problem.model.event_shape,
                                 generator=gen(9), samples=256, iters=0)
@@ -118,18 +171,19 @@ def test_tune_picks_the_best_candidate_and_keeps_unipc_at_zero_iters(problem):
     with pytest.raises(ValueError, match="end in 0"):
         tune_coefficients(problem.model, cands[1][:-1], shape=(1, 4, 4), generator=gen(0))
     with pytest.raises(ValueError, match="share their first level"):
-        tune_coefficients(problem.model, [cands[1], bench.sfumato_grid("karras", p, 5)],
+        tune_coefficients(problem.model, [cands[1], problem.grid("karras", 5)],
                           shape=(1, 4, 4), generator=gen(0))
 
 
 def test_bench_runs_tuned_solvers_as_calibrated(problem):
     with bench.torch_threads(1):
-        out = bench.run_benchmark(problem, samplers=["unipc_bh1"], grids_=["loglinear"],
+        out = bench.run_benchmark(problem, samplers=["unipc_bh1"], grids=["loglinear"],
                                   nfes=[4], rk45=False, log=None, tune=["unipc_bh1"],
                                   calibration_samples=256)
     rows = {r.method: r for r in out["results"]}
-    tuned = rows[f"unipc_bh1 / {bench.TUNED}"]
-    assert tuned.valid and tuned.nfe == 4 and "table" in tuned.config["calibration"]
+    tuned = rows["unipc_bh1 / tuned coefficients"]
+    assert tuned.calibration == bench.TUNED
+    assert tuned.valid and tuned.nfe == 4 and "table" in tuned.config["fit"]
     summary = bench.summarize(out["results"], [4])[4]
     assert summary["sfumato_generic"] == "unipc_bh1 / loglinear"
     with pytest.raises(ValueError, match="only UniPC"):

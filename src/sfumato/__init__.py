@@ -5,17 +5,20 @@ state ``x = x0 + sigma eps`` with a denoiser ``D(x, sigma, **cond) -> x0_hat``.
 
 Modules: :mod:`sfumato.process` (forward processes), :mod:`sfumato.denoiser`
 (preconditioning), :mod:`sfumato.sigmas` (grids), :mod:`sfumato.samplers` (sampler
-functions), :mod:`sfumato.likelihood`, :mod:`sfumato.toy` (exact Gaussian-mixture model),
-:mod:`sfumato.check` (convergence and distribution checks), :mod:`sfumato.nets`,
+functions), :mod:`sfumato.likelihood`, :mod:`sfumato.mixture` (exact Gaussian-mixture model),
+:mod:`sfumato.accuracy` (convergence and distribution checks), :mod:`sfumato.nets`,
 :mod:`sfumato.data`, :mod:`sfumato.metrics`, :mod:`sfumato.train`.
 
 High level: ``sfumato.train(config, out=DIR)``, ``model = sfumato.load(DIR)``,
-``model.sample(n, sampler=..., steps=..., seed=...)``.
+``model.sample(n, sampler=..., steps=..., seed=...).x``; :mod:`sfumato.run` owns what a run
+directory is (:class:`Run`), :func:`sfumato.evaluate` scores one.
 """
 
-from . import denoiser, process, samplers, sigmas, toy
-from .api import Model, load
+from . import denoiser, mixture, process, samplers, sigmas
 from .denoiser import Denoiser, EDMDenoiser
+from .errors import SfumatoError
+from .model import Model, Samples, evaluate, load
+from .run import Run
 from .samplers import SAMPLERS, get_sampler, sample
 from .train.trainer import train
 
@@ -23,6 +26,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Model",
+    "Run",
+    "Samples",
+    "SfumatoError",
+    "evaluate",
     "load",
     "train",
     "sample",
@@ -34,6 +41,6 @@ __all__ = [
     "process",
     "samplers",
     "sigmas",
-    "toy",
+    "mixture",
     "__version__",
 ]

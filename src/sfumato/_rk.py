@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["DP_C", "DP_A", "DP_B", "DP_B_ERR", "dopri5_step", "initial_step", "dopri5",
            "rms_norm"]
 
@@ -114,7 +116,7 @@ def dopri5(f: Fn, t0: float, t1: float, y0: torch.Tensor, *, rtol: float = 1e-5,
         "h": the step size proposed for a next step (to continue on a following interval)}.
     """
     if not (rtol > 0 and atol >= 0):
-        raise ValueError(f"need rtol > 0 and atol >= 0; got rtol={rtol}, atol={atol}")
+        raise UsageError(f"need rtol > 0 and atol >= 0; got rtol={rtol}, atol={atol}")
     info = {"nfe": 0, "steps": 0, "rejected": 0, "h": h0}
     span = t1 - t0
     if span == 0:

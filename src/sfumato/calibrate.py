@@ -37,7 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from . import sigmas as grids
-from .check import reference_ode
+from .accuracy import CountingDenoiser, reference_ode
+from .errors import UsageError
 from .samplers.tuned import StepTable, run_table, unipc_table
 
 __all__ = ["OptimizedSigmas", "optimize_sigmas", "TunedSolver", "tune_coefficients"]
@@ -76,7 +77,7 @@ def _sampler_fn(sampler: str | Callable) -> Callable:
     if callable(sampler):
         return sampler
     if sampler in STOCHASTIC or sampler == "rk45":
-        raise ValueError(f"optimize_sigmas needs a deterministic fixed-grid sampler; "
+        raise UsageError(f"optimize_sigmas needs a deterministic fixed-grid sampler; "
                          f"{sampler!r} is {'adaptive' if sampler == 'rk45' else 'stochastic'}")
     return get_sampler(sampler)
 
@@ -118,7 +119,7 @@ def _calibration_set(denoiser: Callable, sigma_max: float, *, shape: Sequence[in
     solve and leaves the generator as the draw would have."""
     for k, v in (cond or {}).items():
         if not torch.is_tensor(v) or v.shape[:1] != (samples,):
-            raise ValueError(f"cond[{k!r}] must be a tensor with samples = {samples} rows; got "
+            raise UsageError(f"cond[{k!r}] must be a tensor with samples = {samples} rows; got "
                              f"{tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}")
     key = None
     if cache is not None and not cond:
@@ -161,7 +162,7 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
         ref_steps: RK4 steps of the target solutions.
         ref_sigma: where the target ODE solve stops before its final ``D`` (default
             ``sigma_min``, the lowest level a network was trained at; a model valid below it,
-            like :class:`sfumato.toy.GaussianMixture`, can go lower to target sigma = 0).
+            like :class:`sfumato.mixture.GaussianMixture`, can go lower to target sigma = 0).
         max_trials: objective evaluations (default ``60 * (n - 1)``, at least 40).
         batch_size: calibration samples per denoiser call (default: all at once).
         dtype, device: of the calibration tensors.
@@ -179,29 +180,24 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
     from scipy.optimize import minimize
 
     fn = _sampler_fn(sampler)
-    calls = [0]
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return denoiser(*args, **kwargs)
-
+    counted = CountingDenoiser(denoiser)  # the trial grids' calls
     kw = dict(sampler_kwargs or {})
     if int(n) != n or n < 2:
-        raise ValueError(f"n must be an integer >= 2 (with one step there is nothing to place); "
+        raise UsageError(f"n must be an integer >= 2 (with one step there is nothing to place); "
                          f"got {n!r}")
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
+        raise UsageError(f"need 0 < sigma_min < sigma_max; got {sigma_min}, {sigma_max}")
     if samples < 1 or ref_steps < 1:
-        raise ValueError(f"samples and ref_steps must be positive; got {samples}, {ref_steps}")
+        raise UsageError(f"samples and ref_steps must be positive; got {samples}, {ref_steps}")
     ref_sigma = sigma_min if ref_sigma is None else float(ref_sigma)
     if not 0 < ref_sigma <= sigma_min:
-        raise ValueError(f"ref_sigma must be in (0, sigma_min={sigma_min}]; got {ref_sigma}")
+        raise UsageError(f"ref_sigma must be in (0, sigma_min={sigma_min}]; got {ref_sigma}")
     if init is None:
         init = grids.gaussian_lte(n, sigma_min, sigma_max, order=3)
     init = torch.as_tensor(init, dtype=torch.float64).detach().cpu()
     if init.shape != (n + 1,) or init[-1] != 0 or not (init[:-1].diff() < 0).all() \
             or init[-2] < sigma_min * (1 - 1e-9):
-        raise ValueError(f"init must be a decreasing grid of n + 1 = {n + 1} values from "
+        raise UsageError(f"init must be a decreasing grid of n + 1 = {n + 1} values from "
                          f"sigma_max down to >= sigma_min, then 0; got {init.tolist()}")
     max_trials = max(40, 60 * (n - 1)) if max_trials is None else int(max_trials)
 
@@ -242,7 +238,7 @@ def optimize_sigmas(denoiser: Callable, sampler: str | Callable, n: int, *,
     best, best_err = (res.x, float(res.fun)) if res.fun < init_error else (u0, init_error)
     return OptimizedSigmas(sigmas=grid_of(best), init_sigmas=init, error=best_err,
                            init_error=init_error, trials=trials[0],
-                           nfe=target_calls(ref_steps) + calls[0] // len(chunks))
+                           nfe=target_calls(ref_steps) + counted.per_sample(samples))
 
 
 @dataclass
@@ -310,8 +306,9 @@ def tune_coefficients(denoiser: Callable,
        ``eval_every`` steps (UniPC's own if nothing beats it), so a fit that follows a few
        heavy-tailed training draws is not kept.
 
-    The denoiser must be differentiable in x (a network or :class:`sfumato.toy.GaussianMixture`);
-    memory grows with ``minibatch`` x steps. ``cond``: tensors with ``samples`` rows.
+    The denoiser must be differentiable in x (a network or
+    :class:`sfumato.mixture.GaussianMixture`); memory grows with ``minibatch`` x steps.
+    ``cond``: tensors with ``samples`` rows.
     Tune on the grid you will sample with (e.g. ``optimize_sigmas(...).sigmas``).
     ``cache``: see :func:`optimize_sigmas` (calibration sets solved once per denoiser).
     """
@@ -321,19 +318,14 @@ def tune_coefficients(denoiser: Callable,
     first = tables[0].sigmas
     if any(t.sigmas[-1] != 0 or abs(t.sigmas[0] - first[0]) > 1e-9 * first[0]
            or len(t.sigmas) != len(first) for t in tables):
-        raise ValueError("every grid must end in 0 (the tuned solver takes the step into 0), "
+        raise UsageError("every grid must end in 0 (the tuned solver takes the step into 0), "
                          "and candidate grids must share their first level and step count; "
                          f"got {[t.sigmas for t in tables]}")
     if not 0 < holdout < 1 or samples < 2:
-        raise ValueError(f"need 0 < holdout < 1 and samples >= 2; got {holdout}, {samples}")
+        raise UsageError(f"need 0 < holdout < 1 and samples >= 2; got {holdout}, {samples}")
     if iters < 0 or lr <= 0 or minibatch < 1 or eval_every < 1:
-        raise ValueError("iters >= 0, lr > 0, minibatch >= 1 and eval_every >= 1 are needed")
-    calls = [0]  # denoiser evaluations of single draws
-
-    def counted(xi, *args, **kwargs):
-        calls[0] += xi.shape[0]
-        return denoiser(xi, *args, **kwargs)
-
+        raise UsageError("iters >= 0, lr > 0, minibatch >= 1 and eval_every >= 1 are needed")
+    counted = CountingDenoiser(denoiser)  # training and held-out calls
     if ref_sigma is None:
         ref_sigma = min(t.sigmas[-2] for t in tables)
     with torch.no_grad():
@@ -396,4 +388,4 @@ def tune_coefficients(denoiser: Callable,
                 best, best_err, best_iter = snapshot(), err, it
     return TunedSolver(table=best, init_table=table, error=best_err, init_error=init_error,
                        iters=done, best_iter=best_iter,
-                       nfe=target_calls(ref_steps) + calls[0] // samples)
+                       nfe=target_calls(ref_steps) + counted.per_sample(samples))

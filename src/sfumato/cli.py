@@ -9,23 +9,35 @@
     sfumato info DIR                 describe a run
     sfumato demo [--out DIR]         train the default digits model, sample, score
 
-Each subcommand is a ``_cmd_<name>(args) -> int`` that calls into the library; bad input is
-reported as ``sfumato <cmd>: error: ...`` with exit status 2 and no traceback.
+Each subcommand is a ``_cmd_<name>(args) -> int`` that parses, calls into the library
+(:mod:`sfumato.run` and :mod:`sfumato.model` for runs), reads and writes files, and prints. The
+project's own errors (:class:`sfumato.errors.SfumatoError`: bad usage, config, data, a missing
+or changed run, training that cannot go on) are printed as one line ``sfumato <cmd>: error:
+...`` (exit status 1 for training that stopped, 2 for the rest); anything else is a bug
+and keeps its traceback. ``--debug`` shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import SfumatoError, TrainingError, UsageError
+
 __all__ = ["main", "build_parser"]
 
 
-class UsageError(Exception):
-    """Bad user input found after parsing (exit status 2)."""
+def _class_label(text: str) -> int | str | None:
+    """``--class``: a class index, ``none`` for unconditional (``auto``: the default)."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a class index or 'none' (unconditional), got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -51,15 +63,18 @@ def _cmd_samplers(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from . import bench
+    from .bench.compare import compare  # the benchmark (and diffusers) only for this command
 
-    # bench.compare validates names, keywords and stochastic samplers (ValueError -> exit 2)
-    payload = bench.compare(
-        args.out, nfes=args.nfe, seed=args.seed, samplers=args.samplers, grids_=args.grids,
+    def fitted(names: list[str] | None) -> list[str] | bool:  # bare flag: the recommended
+        return True if names == [] else (names or [])
+
+    # compare checks names, keywords, stochastic samplers and the mixture before it runs
+    # (UsageError: exit status 2)
+    payload = compare(
+        args.out, nfes=args.nfe, seed=args.seed, samplers=args.samplers, grids=args.grids,
         mixture=args.mixture, schedule=args.schedule, batch=args.batch,
-        use_diffusers=not args.no_diffusers, quick=args.quick,
-        progress=not args.no_progress, optimize=args.optimize, tune=args.tune,
-    )
+        use_diffusers=not args.no_diffusers, quick=args.quick, progress=not args.no_progress,
+        optimize=fitted(args.optimize), tune=fitted(args.tune))
     info = payload["problem"]
     print(f"problem: {info['mixture']} ({info['mixture_desc']}), VP {info['schedule']} "
           f"(sigma {info['sigma_min']:.3g}..{info['sigma_max']:.3g}), {info['batch']} samples, "
@@ -72,7 +87,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     print(payload["summary"])
     for note in payload["notes"]:
         print(f"note: {note}")
-    print(f"\nwrote {payload['png']} and {payload['json']} ({payload['runtime_s']:.1f} s)")
+    print(f"\nwrote {payload['png']} and {payload['json']} ({payload['runtime_s']:.1f} s wall, "
+          f"{payload['cpu_s']:.1f} s CPU)")
     return 0
 
 
@@ -90,22 +106,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .api import load
+    from .files import atomic_write
     from .imageio import save_grid
-    from .train.checkpoint import CheckpointError
+    from .model import load
 
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise UsageError(f"--out must end in .png (a grid) or .npz (arrays); got {str(out)!r}")
-    try:
-        model = load(args.run)
-        guides = {k: load(getattr(args, k)) for k in ("classifier", "autoguide")
-                  if getattr(args, k)}
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
-    if args.class_label is not None and not (model.num_classes or "classifier" in guides):
-        raise UsageError("--class needs a class-conditional model (or --classifier); this one "
-                         "is unconditional")
+    model = load(args.run)
+    guides = {k: load(getattr(args, k)) for k in ("classifier", "autoguide") if getattr(args, k)}
     sampler, sigmas, tabled = args.sampler, None, {}
     if args.sigmas:
         sigmas, grid_sampler, tabled = _read_grid(args.sigmas)
@@ -117,6 +126,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
           "sigmas": sigmas,
           "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
           "guidance_rescale": args.guidance_rescale, **guides}
+    if args.class_label != "auto":
+        kw["class_labels"] = args.class_label
     if args.control:
         if not model.hint:
             raise UsageError("--control needs a ControlNet run (trained with model.type "
@@ -132,26 +143,21 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         kw["control_scale"] = args.control_scale
     if args.prompt is not None:
         kw["prompt"] = args.prompt
-    try:
-        x = model.sample(args.n, seed=args.seed, class_labels=args.class_label, **kw)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    drawn = model.sample(args.n, seed=args.seed, **kw)
     if len(model.shape) != 3:  # vector data
         if out.suffix == ".png":
             raise UsageError("this model makes vectors, not images: use an .npz output")
-        np.savez(out, samples=x.cpu().numpy())
+        arrays = {"samples": drawn.x.cpu().numpy()}
     else:
-        images = model.to_uint8(x)
+        images = drawn.to_uint8()
         if out.suffix == ".png":
             save_grid(images, out, nrow=model.num_classes or None)
-        else:
-            arrays = {"images": images}
-            if model.last_labels is not None:
-                arrays["labels"] = model.last_labels.cpu().numpy().astype(np.int64)
-            tmp = out.with_name(out.name + ".tmp.npz")
+        arrays = {"images": images}
+        if drawn.labels is not None:
+            arrays["labels"] = drawn.labels.cpu().numpy().astype(np.int64)
+    if out.suffix == ".npz":
+        with atomic_write(out) as tmp:
             np.savez(tmp, **arrays)
-            os.replace(tmp, out)
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -174,124 +180,64 @@ def _read_grid(path: str) -> tuple[list[float], str | None, dict]:
 
 
 def _cmd_optimize_grid(args: argparse.Namespace) -> int:
-    import json
-
-    from .api import load
-    from .train.checkpoint import CheckpointError
+    from .files import write_json_atomic
+    from .model import load
+    from .samplers.tuned import UNIPC_VARIANTS
 
     out = Path(args.out)
     if out.suffix != ".json":
         raise UsageError(f"--out must end in .json; got {str(out)!r}")
-    try:
-        model = load(args.run)
-    except CheckpointError as e:
-        raise UsageError(str(e)) from None
-    from .samplers.tuned import UNIPC_VARIANTS
-
-    sampler = args.sampler or model.config["sample"].get("sampler", "heun")
+    model = load(args.run)
+    sampler = args.sampler or model.run.sampling["sampler"]
     if args.tune and sampler not in UNIPC_VARIANTS:
         raise UsageError("--tune tunes UniPC's coefficients: use --sampler unipc_bh1 (or "
                          f"{', '.join(v for v in UNIPC_VARIANTS if v != 'unipc_bh1')}); "
                          f"got {sampler!r}")
-    try:
-        fit = model.optimize_sigmas(args.steps, sampler=sampler, samples=args.samples,
-                                    seed=args.seed, batch_size=args.batch_size)
-        record = {"sampler": sampler, "steps": args.steps, "run": str(args.run),
-                  "samples": args.samples, "seed": args.seed, **fit.to_dict()}
-        print(f"calibration error {fit.init_error:.3e} -> {fit.error:.3e} ({sampler}, "
-              f"{args.steps} steps, {args.samples} draws, {fit.nfe} calls per draw)")
-        if args.tune:
-            tuned = model.tune_solver(args.steps, variant=UNIPC_VARIANTS[sampler],
-                                      sigmas=fit.sigmas,
-                                      samples=args.samples, seed=args.seed + 1)
-            record.update({"sampler": "tabulated", "table": tuned.table.to_dict(),
-                           "tuning": {k: v for k, v in tuned.to_dict().items()
-                                      if k not in ("table", "init_table")}})
-            print(f"tuned coefficients: held-out error {tuned.init_error:.3e} -> "
-                  f"{tuned.error:.3e} ({args.samples} other draws, half held out)")
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out)
+    fit = model.optimize_sigmas(args.steps, sampler=sampler, samples=args.samples,
+                                seed=args.seed, batch_size=args.batch_size)
+    record = {"sampler": sampler, "steps": args.steps, "run": str(args.run),
+              "samples": args.samples, "seed": args.seed, **fit.to_dict()}
+    print(f"calibration error {fit.init_error:.3e} -> {fit.error:.3e} ({sampler}, "
+          f"{args.steps} steps, {args.samples} draws, {fit.nfe} calls per draw)")
+    if args.tune:
+        tuned = model.tune_solver(args.steps, variant=UNIPC_VARIANTS[sampler],
+                                  sigmas=fit.sigmas, samples=args.samples, seed=args.seed + 1)
+        record.update({"sampler": "tabulated", "table": tuned.table.to_dict(),
+                       "tuning": {k: v for k, v in tuned.to_dict().items()
+                                  if k not in ("table", "init_table")}})
+        print(f"tuned coefficients: held-out error {tuned.init_error:.3e} -> "
+              f"{tuned.error:.3e} ({args.samples} other draws, half held out)")
+    write_json_atomic(out, record)
     print(f"wrote {out}")
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    import json
+    from .run import Run
 
-    from .train.checkpoint import find_checkpoint
-
-    ck = find_checkpoint(args.run)
-    if ck is None:
-        raise UsageError(f"{args.run} has no checkpoint (train it with 'sfumato train')")
-    state = json.loads((ck / "state.json").read_text())
-    config = json.loads((ck / "config.json").read_text())
-    print(f"run:         {args.run}")
-    print(f"step:        {state['step']} of {config['train']['steps']}")
-    print(f"data:        {config['data']}  shape {state.get('data_shape')}")
-    print(f"model:       {config['model']}")
-    print(f"objective:   target {config['objective']['target']}, sigma "
-          f"{config['objective']['sigma_sampling']}, weighting {config['objective']['weighting']}")
-    print(f"classes:     {state.get('num_classes')}")
-    print(f"sampling:    {config['sample']}")
-    if state.get("losses"):
-        print(f"last loss:   {state['losses'][-1][1]:.4f}")
-    metrics = Path(args.run) / "metrics.json"
-    if metrics.is_file():
-        print(f"metrics:     {metrics.read_text().strip()}")
+    for label, value in Run(args.run).describe():
+        print(f"{label + ':':<12} {value}")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    import json
+    from .files import write_json_atomic
+    from .model import evaluate
 
-    from .api import load
-    from .data import get_dataset
-    from .metrics import evaluate_images
-    from .train.checkpoint import CheckpointError, find_checkpoint, write_json_atomic
+    def row(r: dict) -> None:
+        cpu = r["train_cpu_minutes"]
+        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
+        print(f"| {r['step']} | {'?' if cpu is None else f'{cpu:.1f}'} | {r['fd']:.2f} | "
+              f"{r['fd_floor']:.2f} | {r['fd_ratio']:.2f} | {acc} |", flush=True)
 
-    run = Path(args.run)
-    latest = run if (run / "state.json").is_file() else find_checkpoint(run)  # or a ckpt dir
-    if latest is None:
-        raise UsageError(f"{run} has no checkpoint (train it with 'sfumato train')")
-    ckpts = sorted((run / "checkpoints").glob("step-*")) if args.all else []
-    step = json.loads((latest / "state.json").read_text())["step"]
-    if f"step-{step:08d}" not in [c.name for c in ckpts]:  # the latest is not archived yet
-        ckpts.append(latest)
-    rows, data = [], None
     print("| step | train CPU min | FD | FD floor | FD / floor | class accuracy |\n"
           "|---|---|---|---|---|---|")
-    for ck in ckpts:
-        try:
-            model = load(ck)
-        except CheckpointError as e:
-            raise UsageError(str(e)) from None
-        if model.is_classifier or not model.shape or len(model.shape) != 3:
-            raise UsageError("evaluate scores image models (FD in a classifier's features)")
-        try:
-            x = model.sample(args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                             guidance=args.guidance)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        if data is None:  # once: the run's checkpoints share their data set
-            data = get_dataset(model.config["data"])
-        m = evaluate_images(x, data, labels=model.last_labels, seed=args.ref_seed)
-        cpu = model.state.get("train_cpu_seconds")
-        rows.append({"step": model.state["step"], "train_cpu_minutes": cpu and cpu / 60,
-                     **{k: m.get(k) for k in ("fd", "fd_floor", "fd_ratio", "accuracy",
-                                              "class_entropy", "n")}})
-        r = rows[-1]
-        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        cpu_s = "?" if cpu is None else f"{cpu / 60:.1f}"
-        print(f"| {r['step']} | {cpu_s} | {r['fd']:.2f} | {r['fd_floor']:.2f} | "
-              f"{r['fd_ratio']:.2f} | {acc} |", flush=True)
-    write_json_atomic(run / "evaluation.json", {"n": args.n, "guidance": model.last_guidance,
-                                                "seed": args.seed, "ref_seed": args.ref_seed,
-                                                "rows": rows})
-    print(f"wrote {run / 'evaluation.json'}")
+    result = evaluate(args.run, n=args.n, every=args.all, seed=args.seed,
+                      ref_seed=args.ref_seed, sampler=args.sampler, steps=args.steps,
+                      guidance=args.guidance, on_row=row)
+    out = Path(args.run) / "evaluation.json"  # beside the run's (or checkpoint's) state
+    write_json_atomic(out, result)
+    print(f"wrote {out}")
     return 0
 
 
@@ -310,43 +256,57 @@ def build_parser() -> argparse.ArgumentParser:
         description="sfumato: diffusion models in one sigma-space.",
     )
     parser.add_argument("--version", action="version", version=f"sfumato {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of every error (not only of bugs)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("samplers", help="list the registered samplers",
                        description="List the registered samplers and whether they draw noise.")
     p.set_defaults(func=_cmd_samplers)
 
-    from .bench import COMPARE_GRIDS, COMPARE_SAMPLERS, GRIDS, add_problem_arguments
+    from .sigmas import GRIDS  # the grid registry (light); the benchmark loads on use only
 
     p = sub.add_parser(
         "compare", help="sfumato vs diffusers samplers: error vs NFE (table, PNG, JSON)",
         description=(
-            "Run a few sfumato samplers and, if installed, diffusers schedulers on one exact "
-            "Gaussian-mixture model under a 1000-step VP process, and report each one's RMS "
-            "error against the exact probability-flow ODE solution from the same noise, at "
-            "each NFE. Writes DIR/compare.png (log-log error vs NFE) and DIR/compare.json. "
-            "The full benchmark is benchmarks/samplers.py."),
+            "Run the sfumato samplers and grids docs/samplers.md recommends and, if "
+            "installed, the strongest diffusers schedulers on one exact Gaussian-mixture "
+            "model under a 1000-step VP process, and report each one's RMS error against the "
+            "exact probability-flow ODE solution from the same noise, at each NFE, with 90% "
+            "bootstrap intervals of the best-vs-best ratios (about a minute). Writes "
+            "DIR/compare.png (log-log error vs NFE) and DIR/compare.json. The full benchmark "
+            "is benchmarks/samplers.py."),
     )
     p.add_argument("--out", default="sfumato-compare", metavar="DIR",
                    help="output directory (default: %(default)s)")
     p.add_argument("--nfe", type=_positive_int, nargs="+", default=[5, 10, 20], metavar="N",
                    help="denoiser-call budgets (default: 5 10 20)")
     p.add_argument("--seed", type=int, default=0, help="seed of the mixture and the noise")
-    p.add_argument("--samplers", nargs="+", metavar="NAME", default=None,
-                   help=f"sfumato samplers, optionally with keywords, e.g. 'unipc(order=2)' "
-                        f"(default: {' '.join(COMPARE_SAMPLERS)})")
-    p.add_argument("--grids", nargs="+", metavar="GRID", default=None, choices=sorted(GRIDS),
-                   help=f"sigma grids (default: {' '.join(COMPARE_GRIDS)}; "
-                        f"choices: {', '.join(GRIDS)})")
-    add_problem_arguments(p, mixture="img1", batch_type=_positive_int)
+    p.add_argument("--samplers", nargs="+", metavar="SPEC", default=None,
+                   help="sfumato samplers, optionally with keywords, e.g. 'unipc(order=2)' "
+                        "(default: the recommended ones; sfumato.bench.compare)")
+    p.add_argument("--grids", nargs="+", metavar="SPEC", default=None,
+                   help="sigma grids by name, optionally with keywords, e.g. "
+                        "'polyexponential(rho=2)' (default: the recommended ones; names: "
+                        f"{', '.join(GRIDS)})")
+    p.add_argument("--mixture", default=None,
+                   help="the exact Gaussian-mixture model (sfumato.bench.MIXTURES; default: "
+                        "the full benchmark's)")
+    p.add_argument("--schedule", default="scaled_linear", choices=["scaled_linear", "linear"],
+                   help="VP beta schedule, 1000 steps (default: %(default)s)")
+    p.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                   help="number of samples (default: enough for narrow intervals; at most 32 "
+                        "with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="fewer samples and a coarser reference (a few seconds)")
-    p.add_argument("--optimize", nargs="+", metavar="NAME", default=(),
+    p.add_argument("--optimize", nargs="*", metavar="SAMPLER", default=None,
                    help="also run these samplers on a sigma grid optimised for the model "
-                        "(sfumato.calibrate; 1024 calibration draws, 64 with --quick)")
-    p.add_argument("--tune", nargs="+", metavar="NAME", default=(),
+                        "(sfumato.calibrate; 1024 calibration draws, 64 with --quick); with no "
+                        "name: the recommended sampler")
+    p.add_argument("--tune", nargs="*", metavar="SAMPLER", default=None,
                    help="also run these UniPC samplers with coefficients tuned to the model "
-                        "(sfumato.calibrate.tune_coefficients; 2048 draws, 128 with --quick)")
+                        "(sfumato.calibrate.tune_coefficients; 2048 draws, 128 with --quick); "
+                        "with no name: the recommended sampler")
     p.add_argument("--no-diffusers", action="store_true", help="sfumato samplers only")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_compare)
@@ -359,19 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
-    from .samplers import SAMPLERS
+    from .samplers import SAMPLERS, TABLE_SAMPLERS
 
+    sampler_names = sorted([*SAMPLERS, *TABLE_SAMPLERS])
     p = sub.add_parser("sample", help="sample a trained run",
                        description="Sample a trained run: FILE.png writes a grid, FILE.npz "
                                    "writes 'images' (uint8 NHWC) and 'labels' if conditional.")
     p.add_argument("run", metavar="DIR", help="run directory")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS), metavar="NAME",
+    p.add_argument("--sampler", default=None, choices=sampler_names, metavar="NAME",
                    help="sampler name (default: the run's config); see 'sfumato samplers'")
     p.add_argument("--steps", type=_positive_int, default=None, help="number of steps")
     p.add_argument("--n", type=_positive_int, default=64, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seed (sample i depends only on it)")
-    p.add_argument("--class", dest="class_label", type=int, default=None, metavar="K",
-                   help="class label for a class-conditional model")
+    p.add_argument("--class", dest="class_label", type=_class_label, default="auto",
+                   metavar="K|none",
+                   help="class label for a class-conditional model, or 'none' for "
+                        "unconditional (default: classes in turn; unconditional with "
+                        "--control, whose hint fixes the content)")
     p.add_argument("--guidance", type=float, default=None, metavar="W",
                    help="guidance scale (1 = none): classifier-free for a conditional model, "
                         "or the scale of --classifier / --autoguide (default: the run's "
@@ -460,12 +424,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError) as e:
-        print(f"sfumato {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # TrainingError, CheckpointError: a clear message, no traceback
-        print(f"sfumato {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+    except SfumatoError as e:
+        if args.debug:
+            raise
+        stopped = isinstance(e, TrainingError)  # the input was fine; the run could not go on
+        print(f"sfumato {args.command}: {type(e).__name__ if stopped else 'error'}: {e}",
+              file=sys.stderr)
+        return 1 if stopped else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

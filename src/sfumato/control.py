@@ -14,7 +14,6 @@ union of the hint's "on" pixels and those of the same hint computed from the sam
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.base import from_uint8
+from .errors import UsageError, did_you_mean
 
 __all__ = ["HINTS", "SOBEL_MAX", "coarse_mask", "edge_map", "hint_iou", "load_hint",
            "make_hint"]
@@ -40,7 +40,7 @@ _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 def _gray01(images: torch.Tensor, what: str) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> (B, 1, H, W) float32 in [0, 1], the mean over channels."""
     if images.ndim != 4:
-        raise ValueError(f"{what} expects images (B, C, H, W) in [-1, 1]; got shape "
+        raise UsageError(f"{what} expects images (B, C, H, W) in [-1, 1]; got shape "
                          f"{tuple(images.shape)}")
     return (images.float().mean(dim=1, keepdim=True) + 1) / 2
 
@@ -63,7 +63,7 @@ def edge_map(images: torch.Tensor, threshold: float = 0.25) -> torch.Tensor:
     3x3 erosion. Works at any size >= 1x1 (8x8 digits, 28x28 MNIST).
     """
     if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold is relative to SOBEL_MAX and must be in (0, 1]; "
+        raise UsageError(f"threshold is relative to SOBEL_MAX and must be in (0, 1]; "
                          f"got {threshold}")
     g = F.pad(_gray01(images, "edge_map"), (1, 1, 1, 1), mode="replicate")
     kx = _SOBEL_X.to(g.device)
@@ -82,11 +82,11 @@ def coarse_mask(images: torch.Tensor, factor: int = 2, threshold: float = 0.0) -
     upsampled back to H x W (nearest), so the mask is constant on each block.
     """
     if images.ndim != 4:
-        raise ValueError(f"coarse_mask expects images (B, C, H, W) in [-1, 1]; got shape "
+        raise UsageError(f"coarse_mask expects images (B, C, H, W) in [-1, 1]; got shape "
                          f"{tuple(images.shape)}")
     H, W = images.shape[-2:]
     if factor < 1 or H % factor or W % factor:
-        raise ValueError(f"coarse_mask factor must be >= 1 and divide the image size {H}x{W}; "
+        raise UsageError(f"coarse_mask factor must be >= 1 and divide the image size {H}x{W}; "
                          f"got {factor}")
     pooled = F.avg_pool2d(images.float().mean(dim=1, keepdim=True), factor)
     on = (pooled > threshold).repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
@@ -100,9 +100,8 @@ def make_hint(name: str, images: torch.Tensor, **kwargs) -> torch.Tensor:
     """The hint ``name`` (a key of :data:`HINTS`) of images (B, C, H, W) in [-1, 1] ->
     (B, 1, H, W) in {-1, 1}; ``kwargs`` go to the hint function (e.g. ``threshold``)."""
     if name not in HINTS:
-        close = difflib.get_close_matches(str(name), list(HINTS), n=1)
-        tip = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown hint {name!r}{tip}; choose one of {sorted(HINTS)}")
+        raise UsageError(f"unknown hint {name!r}{did_you_mean(name, HINTS)}; choose one of "
+                         f"{sorted(HINTS)}")
     return HINTS[name](images, **kwargs)
 
 
@@ -113,7 +112,7 @@ def hint_iou(hint_a: torch.Tensor, hint_b: torch.Tensor) -> torch.Tensor:
     1.0 where both hints are empty (nothing to disagree on).
     """
     if hint_a.shape != hint_b.shape or hint_a.ndim < 1:
-        raise ValueError(f"hint_iou needs two hints of the same shape (B, ...); got "
+        raise UsageError(f"hint_iou needs two hints of the same shape (B, ...); got "
                          f"{tuple(hint_a.shape)} and {tuple(hint_b.shape)}")
     a = (hint_a if hint_a.dtype == torch.bool else hint_a > 0).flatten(1)
     b = (hint_b if hint_b.dtype == torch.bool else hint_b > 0).flatten(1)
@@ -139,13 +138,12 @@ def load_hint(path: str | os.PathLike, size: int | tuple[int, int], channels: in
 
     from .data.images import image_shape, read_image
 
-    hw = image_shape(size, channels)
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"hint image {str(p)!r} does not exist or is no file")
     try:
-        a = read_image(p, hw, channels)
+        a = read_image(p, image_shape(size, channels), channels)
     except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ValueError(f"hint {str(p)!r} is not a readable image file ({e})") from e
+        raise UsageError(f"hint {str(p)!r} is not a readable image file ({e})") from e
     x = from_uint8(a[None])
     return x if threshold is None else _on_off(x > threshold)

@@ -42,11 +42,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True,
 
     Returns the metrics dict (also written to ``out/metrics.json``).
     """
-    from .api import load
     from .data import get_dataset
+    from .files import write_json_atomic
     from .imageio import save_grid
     from .metrics import evaluate_images, get_classifier
-    from .train.checkpoint import write_json_atomic
+    from .model import load
     from .train.trainer import Trainer
 
     t0 = time.time()
@@ -55,17 +55,17 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True,
     summary = Trainer(cfg, out, progress=progress).run()
     t_train = time.time() - t0
     model = load(out)
-    x = model.sample(n_eval, seed=12345)
-    save_grid(model.to_uint8(x[:100]), out / "samples.png", nrow=10)
+    drawn = model.sample(n_eval, seed=12345)
+    save_grid(drawn.to_uint8()[:100], out / "samples.png", nrow=10)
     data = get_dataset(cfg["data"])
-    metrics = evaluate_images(x, data, n=n_eval, labels=model.last_labels)
+    metrics = evaluate_images(drawn.x, data, n=n_eval, labels=drawn.labels)
     guided = {}
     if model.num_classes:  # one row per class, classifier-free guidance
         nc = model.num_classes
         y = torch.arange(nc).repeat_interleave(10)
-        xg = model.sample(len(y), seed=0, class_labels=y, guidance=GUIDANCE)
-        save_grid(model.to_uint8(xg), out / "guided.png", nrow=10)
-        pred = get_classifier(data).predict(xg)  # only the accuracy: no FD, no floor
+        rows = model.sample(len(y), seed=0, class_labels=y, guidance=GUIDANCE)
+        save_grid(rows.to_uint8(), out / "guided.png", nrow=10)
+        pred = get_classifier(data).predict(rows.x)  # only the accuracy: no FD, no floor
         guided = {"guidance": GUIDANCE, "guided_accuracy": float((pred == y).double().mean())}
     result = {
         "fd": metrics["fd"], "fd_floor": metrics["fd_floor"], "fd_ratio": metrics["fd_ratio"],
@@ -73,7 +73,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", *, progress: bool = True,
         "n_ref": metrics.get("n_ref"), "class_entropy": metrics.get("class_entropy"),
         "class_hist": metrics.get("class_hist"), "steps": summary["steps"],
         "train_seconds": round(t_train, 1), "total_seconds": round(time.time() - t0, 1),
-        "sampler": cfg["sample"]["sampler"], "sampler_steps": cfg["sample"]["steps"],
+        "sampler": drawn.sampler, "sampler_steps": len(drawn.sigmas) - 1,
         "accuracy": metrics.get("accuracy"), **guided,
     }
     write_json_atomic(out / "metrics.json", result)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .process import Process, VPDiscrete
 
 __all__ = [
@@ -57,7 +58,7 @@ def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
     if sigma.ndim != 1 or sigma.shape[0] != x.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"sigma must be a scalar or have shape (batch,) = ({x.shape[0]},); "
             f"got shape {tuple(sigma.shape)}"
         )
@@ -66,7 +67,7 @@ def as_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 def _check_target(target: str) -> None:
     if target not in TARGETS:
-        raise ValueError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
+        raise UsageError(f"unknown prediction target {target!r}; choose one of {TARGETS}")
 
 
 def target_coefficients(
@@ -104,8 +105,7 @@ def skip_out(
 def x0_from_target(target: str, y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float,
                    sigma_data: float = 0.5) -> torch.Tensor:
     """x0 from a prediction ``y`` of ``target`` at σ-space state x (shapes (B, ...))."""
-    s = as_sigma(sigma, x)
-    c_skip, c_out = skip_out(target, s, sigma_data)
+    c_skip, c_out = skip_out(target, as_sigma(sigma, x), sigma_data)
     return c_skip * x + c_out * y
 
 
@@ -159,7 +159,7 @@ class Denoiser(nn.Module):
         super().__init__()
         _check_target(target)
         if target != "edm" and process is None:
-            raise ValueError(
+            raise UsageError(
                 f"target {target!r} needs the process the network was trained on "
                 "(e.g. process=VPDiscrete()) to know its input scaling and time input"
             )

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UsageError
+
 Denoiser = Callable[..., torch.Tensor]
 
 __all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance", "NoisyClassifier",
@@ -43,7 +45,7 @@ def in_interval(sigma: torch.Tensor | float, batch: int, interval: tuple[float, 
         return torch.ones(batch, dtype=torch.bool, device=device)
     lo, hi = interval
     if not lo < hi:
-        raise ValueError(f"sigma_interval must be (lo, hi) with lo < hi; got {interval}")
+        raise UsageError(f"sigma_interval must be (lo, hi) with lo < hi; got {interval}")
     return (s > lo) & (s <= hi)
 
 
@@ -96,7 +98,7 @@ class ClassifierFreeGuidance(nn.Module):
                  ) -> None:
         super().__init__()
         if not 0.0 <= rescale <= 1.0:
-            raise ValueError(f"rescale (phi) must be in [0, 1]; got {rescale}")
+            raise UsageError(f"rescale (phi) must be in [0, 1]; got {rescale}")
         self.denoiser, self.scale, self.uncond = denoiser, float(scale), dict(uncond)
         self.rescale, self.sigma_interval = float(rescale), sigma_interval
 
@@ -106,7 +108,7 @@ class ClassifierFreeGuidance(nn.Module):
         B = x.shape[0]
         missing = [k for k in self.uncond if k not in cond and self.uncond[k] is not None]
         if missing:
-            raise ValueError(f"classifier-free guidance needs the conditional value of "
+            raise UsageError(f"classifier-free guidance needs the conditional value of "
                              f"{missing} (pass them to the sampler as conditioning kwargs)")
         null = {k: _expand(self.uncond.get(k, v), v, B) for k, v in cond.items()}
         batched = all(k in null and null[k] is not None for k in self.uncond) and all(

@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import DataError
+from .files import atomic_write
+
 
 def make_grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: int = 1,
               scale: int = 1) -> np.ndarray:
@@ -16,7 +19,7 @@ def make_grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: i
     ``pad`` pixels of gap, each image enlarged ``scale`` times (nearest)."""
     a = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     if a.ndim != 4 or a.dtype != np.uint8:
-        raise ValueError(f"make_grid needs uint8 images (N, H, W, C); got {a.dtype} {a.shape}")
+        raise DataError(f"make_grid needs uint8 images (N, H, W, C); got {a.dtype} {a.shape}")
     if scale > 1:
         a = a.repeat(scale, 1).repeat(scale, 2)
     n, h, w, c = a.shape
@@ -31,15 +34,13 @@ def make_grid(images: np.ndarray | torch.Tensor, nrow: int | None = None, pad: i
 
 
 def save_png(array: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write an (H, W, C) or (H, W) uint8 array as PNG through a temp file + rename."""
+    """Write an (H, W, C) or (H, W) uint8 array as PNG, atomically (:mod:`sfumato.files`)."""
     from PIL import Image
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     a = array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(a).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(a).save(tmp, format="PNG")
     return path
 
 

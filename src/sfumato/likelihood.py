@@ -51,6 +51,8 @@ from typing import Any
 import torch
 
 from ._rk import dopri5
+from .errors import UsageError
+from .samplers._common import working_dtype
 
 __all__ = ["log_likelihood", "bits_per_dim", "divergence"]
 
@@ -58,10 +60,6 @@ METHODS = ("rk45",)
 PROBES = ("rademacher", "gaussian")
 # elements of the grad_outputs block one batched VJP call may hold (exact trace)
 _VJP_BUDGET = 2**24
-
-
-def _working_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _vjps(out: torch.Tensor, x: torch.Tensor, vs: torch.Tensor, batched: list[bool],
@@ -163,18 +161,18 @@ def log_likelihood(denoiser: Callable, x: torch.Tensor, *, sigma_min: float = 0.
         raise TypeError("x must be a floating-point torch.Tensor of shape (batch, ...); "
                         "for 8-bit images use bits_per_dim")
     if x.ndim < 2:
-        raise ValueError(f"x must have shape (batch, ...); got {tuple(x.shape)}. "
+        raise UsageError(f"x must have shape (batch, ...); got {tuple(x.shape)}. "
                          "For a single vector use x[None].")
     if not callable(denoiser):
         raise TypeError("denoiser must be callable as denoiser(x, sigma, **cond) -> x0_hat")
     if not (0 < sigma_min < sigma_max < math.inf):
-        raise ValueError(f"need 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, "
+        raise UsageError(f"need 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, "
                          f"sigma_max={sigma_max}")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+        raise UsageError(f"unknown method {method!r}; choose one of {METHODS}")
     if not exact_trace:
         if generator is None:
-            raise ValueError(
+            raise UsageError(
                 "Hutchinson's trace estimator draws its probes only from an explicit "
                 "generator: pass generator=torch.Generator().manual_seed(seed), or "
                 "exact_trace=True for small dimensions"
@@ -182,11 +180,11 @@ def log_likelihood(denoiser: Callable, x: torch.Tensor, *, sigma_min: float = 0.
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
         if int(n_hutchinson) != n_hutchinson or n_hutchinson < 1:
-            raise ValueError(f"n_hutchinson must be a positive integer; got {n_hutchinson!r}")
+            raise UsageError(f"n_hutchinson must be a positive integer; got {n_hutchinson!r}")
         if probe not in PROBES:
-            raise ValueError(f"unknown probe {probe!r}; choose one of {PROBES}")
+            raise UsageError(f"unknown probe {probe!r}; choose one of {PROBES}")
 
-    wd = _working_dtype(x.dtype)
+    wd = working_dtype(x.dtype)
     x = x.detach().to(wd)
     shape, B = x.shape, x.shape[0]
     d = x[0].numel()
@@ -202,7 +200,7 @@ def log_likelihood(denoiser: Callable, x: torch.Tensor, *, sigma_min: float = 0.
             nfe[0] += 1
             if not isinstance(den, torch.Tensor) or den.shape != shape:
                 got = tuple(den.shape) if isinstance(den, torch.Tensor) else type(den).__name__
-                raise ValueError(f"the denoiser must return x0_hat with the input's shape "
+                raise UsageError(f"the denoiser must return x0_hat with the input's shape "
                                  f"{tuple(shape)}; got {got}")
             den = den.to(wd)
             if not den.requires_grad:
@@ -267,15 +265,15 @@ def bits_per_dim(denoiser: Callable, x_uint8: torch.Tensor, *,
         raise TypeError(f"bits_per_dim takes 8-bit data as a torch.uint8 tensor; got {got}. "
                         "For continuous data use log_likelihood.")
     if x_uint8.ndim < 2:
-        raise ValueError(f"x_uint8 must have shape (batch, ...); got {tuple(x_uint8.shape)}")
+        raise UsageError(f"x_uint8 must have shape (batch, ...); got {tuple(x_uint8.shape)}")
     lo, hi = (float(v) for v in data_range)
     if not hi > lo:
-        raise ValueError(f"data_range must be (lo, hi) with hi > lo; got {data_range}")
+        raise UsageError(f"data_range must be (lo, hi) with hi > lo; got {data_range}")
     if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
+        raise UsageError(f"dtype must be torch.float32 or torch.float64; got {dtype}")
     if dequantize == "uniform":
         if generator is None:
-            raise ValueError("uniform dequantisation draws its noise only from an explicit "
+            raise UsageError("uniform dequantisation draws its noise only from an explicit "
                              "generator: pass generator=torch.Generator().manual_seed(seed)")
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator; got {type(generator).__name__}")
@@ -284,7 +282,7 @@ def bits_per_dim(denoiser: Callable, x_uint8: torch.Tensor, *,
     elif dequantize == "center":
         u = torch.full(x_uint8.shape, 0.5, dtype=dtype, device=x_uint8.device)
     else:
-        raise ValueError(f"unknown dequantize {dequantize!r}; choose 'uniform' or 'center'")
+        raise UsageError(f"unknown dequantize {dequantize!r}; choose 'uniform' or 'center'")
     delta_bin = (hi - lo) / 256
     x = lo + (x_uint8.to(dtype) + u) * delta_bin
     logp = log_likelihood(denoiser, x, sigma_min=sigma_min, sigma_max=sigma_max,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
+
 __all__ = [
     "Process",
     "VPDiscrete",
@@ -132,7 +134,7 @@ def make_betas(kind: str, n: int = 1000, beta_start: float | None = None,
         ab = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
         betas = 1 - ab[1:] / ab[:-1]
         return betas.clamp(max=0.999)
-    raise ValueError(
+    raise UsageError(
         f"unknown beta schedule {kind!r}; choose one of 'linear', 'scaled_linear', 'cosine'"
     )
 
@@ -338,7 +340,7 @@ class RectifiedFlow(Process):
     def __post_init__(self) -> None:
         self.t_min, self.t_max = self.t_lo, self.t_hi
         if self.t_sampling not in ("uniform", "logit_normal"):
-            raise ValueError(
+            raise UsageError(
                 f"unknown t_sampling {self.t_sampling!r}; use 'uniform' or 'logit_normal'"
             )
 
@@ -380,7 +382,7 @@ def get_process(name: str, **kwargs) -> Process:
     try:
         cls = PROCESSES[name]
     except KeyError:
-        raise ValueError(
+        raise UsageError(
             f"unknown process {name!r}; choose one of {sorted(PROCESSES)}"
         ) from None
     return cls(**kwargs)

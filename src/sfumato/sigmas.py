@@ -7,21 +7,31 @@ noise levels from ``sigma_max`` down to ``sigma_min``, then a final ``0``. A sam
 How the last step reaches sigma = 0. The final step goes from ``sigma_min`` to 0. For the
 probability-flow ODE, ``dx/dsigma = (x - D(x, sigma)) / sigma``, an Euler step from sigma to 0
 lands exactly on the denoiser output ``D(x, sigma_min)`` (the posterior mean at
-``sigma_min``); every sampler here takes that first-order step into 0 (EDM Alg. 1, line 9; the
-exponential integrators' limit h -> inf is the same point). ``sigma_min`` therefore matters:
-jumping from a large sigma straight to the posterior mean collapses variance, while a small
-``sigma_min`` (e.g. 0.002 for EDM, ~0.03 for 1000-step VP) leaves only a small final
-denoise. Pass ``final_zero=False`` to get a grid that ends at ``sigma_min`` instead (for
-convergence studies, or to hand the last step to something else).
+``sigma_min``; EDM Alg. 1, line 9; the exponential integrators' limit h -> inf is the same
+point). The one-step samplers take that first-order step into 0: Euler, DDIM, DDPM, the
+ancestral samplers, Heun, EDM, DPM-Solver-2/3, DPM-Solver++(2S), the SDE samplers (the
+DPM-Solver++ SDE ones with eta > 0) and RK45. The multistep ODE samplers do not: they
+integrate the polynomial through the PF-ODE slopes ``(x - D) / sigma`` they already hold from
+``sigma_min`` to 0, an Adams-Bashforth step in sigma that needs no evaluation at 0
+(:func:`sfumato.samplers._common.final_step`). Its order is ``final_order`` (default 3; 1 gives
+``D(x, sigma_min)`` again) for UniPC, PLMS and DPM-Solver++(2M)/(3M) (and their SDE forms with
+eta = 0), LMS's own ``order`` (default 4) for LMS, and whatever its table holds for
+``tabulated``. ``sigma_min`` matters either way: jumping from a large sigma straight to the
+posterior mean collapses variance, while a small ``sigma_min`` (e.g. 0.002 for EDM, ~0.03 for
+1000-step VP) leaves only a small final step. Pass ``final_zero=False`` to get a grid that
+ends at ``sigma_min`` instead (for convergence studies, or to hand the last step to something
+else).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
+from .errors import UsageError
 from .process import Process, VPDiscrete
 
 __all__ = [
@@ -31,9 +41,12 @@ __all__ = [
     "uniform_t",
     "discrete",
     "gaussian_lte",
+    "gaussian_cov",
     "append_zero",
     "get_sigmas",
     "GRIDS",
+    "PROCESS_GRIDS",
+    "DATA_GRIDS",
 ]
 
 
@@ -44,9 +57,9 @@ def append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 
 def _check(n: int, sigma_min: float, sigma_max: float) -> None:
     if int(n) != n or n < 1:
-        raise ValueError(f"the number of steps must be a positive integer; got {n!r}")
+        raise UsageError(f"the number of steps must be a positive integer; got {n!r}")
     if not (0 < sigma_min < sigma_max) or not math.isfinite(sigma_max):
-        raise ValueError(
+        raise UsageError(
             f"need 0 < sigma_min < sigma_max < inf; got sigma_min={sigma_min}, "
             f"sigma_max={sigma_max}"
         )
@@ -89,7 +102,7 @@ def uniform_t(process: Process, n: int, t_min: float | None = None, t_max: float
     t_min = process.t_min if t_min is None else t_min
     t_max = process.t_max if t_max is None else t_max
     if int(n) != n or n < 1:
-        raise ValueError(f"the number of steps must be a positive integer; got {n!r}")
+        raise UsageError(f"the number of steps must be a positive integer; got {n!r}")
     t = torch.linspace(t_max, t_min, n, dtype=torch.float64) if n > 1 else torch.tensor(
         [t_max], dtype=torch.float64)
     return _finish(process.sigma(t), final_zero)
@@ -108,7 +121,7 @@ def discrete(process: VPDiscrete, n: int, spacing: str = "trailing",
         raise TypeError("discrete spacings need a VPDiscrete process; use uniform_t otherwise")
     T = process.n
     if int(n) != n or not 1 <= n <= T:
-        raise ValueError(f"the number of steps must be an integer in [1, {T}]; got {n!r}")
+        raise UsageError(f"the number of steps must be an integer in [1, {T}]; got {n!r}")
     if spacing == "leading":
         k = T // n
         ts = torch.arange(n, dtype=torch.float64).flip(0) * k + 1
@@ -118,7 +131,7 @@ def discrete(process: VPDiscrete, n: int, spacing: str = "trailing",
     elif spacing == "linspace":
         ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
     else:
-        raise ValueError(
+        raise UsageError(
             f"unknown spacing {spacing!r}; choose 'leading', 'trailing' or 'linspace'"
         )
     return _finish(process.sigmas[ts.long()], final_zero)
@@ -174,10 +187,10 @@ def gaussian_lte(n: int, sigma_min: float, sigma_max: float,
     _check(n, sigma_min, sigma_max)
     stds = torch.as_tensor(sigma_data, dtype=torch.float64).detach().cpu().flatten()
     if stds.numel() == 0 or not (torch.isfinite(stds).all() and (stds > 0).all()):
-        raise ValueError("sigma_data must be a positive number or a non-empty sequence of "
+        raise UsageError("sigma_data must be a positive number or a non-empty sequence of "
                          f"positive numbers; got {sigma_data!r}")
     if int(order) != order or order < 1:
-        raise ValueError(f"order must be a positive integer; got {order!r}")
+        raise UsageError(f"order must be a positive integer; got {order!r}")
     lo, hi = -math.log(sigma_max), -math.log(sigma_min)
     # the density decays like e^{-2y/(q+1)} below sigma_data: integrate far enough for the tail
     lam = torch.linspace(lo, max(hi, -math.log(float(stds.min()))) + 12.0 * (order + 1),
@@ -210,25 +223,64 @@ def _interp(x, xp, fp):
     return np.interp(np.asarray(x, dtype=np.float64), xp, fp)
 
 
-GRIDS = ("karras", "loglinear", "polyexponential", "uniform_t", "discrete", "gaussian_lte")
+def gaussian_cov(n: int, sigma_min: float, sigma_max: float, *,
+                 sigma_data: float | Sequence[float] | torch.Tensor, order: int = 3,
+                 final_zero: bool = True) -> torch.Tensor:
+    """The data-aware grid: :func:`gaussian_lte` on the Gaussian surrogate with the data's
+    covariance, local errors weighted by how much of them reaches sigma = 0
+    (``propagate=True``).
+
+    ``sigma_data``: (d,) standard deviations of the data along its principal axes, i.e. the
+    square roots of the covariance eigenvalues (e.g. from a PCA of the training set), in the
+    data's units; required. ``order=3`` matches UniPC-2 with its corrector.
+    """
+    return gaussian_lte(n, sigma_min, sigma_max, sigma_data=sigma_data, order=order,
+                        propagate=True, final_zero=final_zero)
+
+
+#: grid name -> function. Most take ``(n, sigma_min, sigma_max, **kw)``; those in
+#: :data:`PROCESS_GRIDS` take ``(process, n, **kw)``. ``leading``, ``trailing`` and
+#: ``linspace`` are :func:`discrete` with that spacing (diffusers' ``timestep_spacing``).
+GRIDS: dict[str, Callable[..., torch.Tensor]] = {
+    "karras": karras,
+    "loglinear": loglinear,
+    "polyexponential": polyexponential,
+    "uniform_t": uniform_t,
+    "discrete": discrete,
+    "leading": functools.partial(discrete, spacing="leading"),
+    "trailing": functools.partial(discrete, spacing="trailing"),
+    "linspace": functools.partial(discrete, spacing="linspace"),
+    "gaussian_lte": gaussian_lte,
+    "gaussian_cov": gaussian_cov,
+}
+#: grids built from a process's own time steps (they need ``process=``)
+PROCESS_GRIDS = ("uniform_t", "discrete", "leading", "trailing", "linspace")
+#: grids built from a data statistic (they need ``sigma_data=``, the data's spectrum)
+DATA_GRIDS = ("gaussian_cov",)
 
 
 def get_sigmas(name: str, n: int, *, sigma_min: float | None = None,
                sigma_max: float | None = None, process: Process | None = None,
                **kwargs) -> torch.Tensor:
-    """Grid by name. sigma_min/max default to the process's range when a process is given."""
-    if name in ("uniform_t", "discrete"):
-        if process is None:
-            raise ValueError(f"grid {name!r} needs process=...")
-        fn = uniform_t if name == "uniform_t" else discrete
-        return fn(process, n, **kwargs)
+    """Grid ``name`` (a key of :data:`GRIDS`) with ``n`` steps; ``kwargs`` go to its function.
+
+    sigma_min/max default to the process's range when a process is given; the grids in
+    :data:`PROCESS_GRIDS` need ``process`` (and ignore sigma_min/max), those in
+    :data:`DATA_GRIDS` need ``sigma_data``.
+    """
     if name not in GRIDS:
-        raise ValueError(f"unknown sigma grid {name!r}; choose one of {GRIDS}")
+        raise UsageError(f"unknown sigma grid {name!r}; choose one of {tuple(GRIDS)}")
+    if name in DATA_GRIDS and "sigma_data" not in kwargs:
+        raise UsageError(f"grid {name!r} needs sigma_data=... (the data's standard deviations "
+                         "along its principal axes)")
+    fn = GRIDS[name]
+    if name in PROCESS_GRIDS:
+        if process is None:
+            raise UsageError(f"grid {name!r} needs process=...")
+        return fn(process, n, **kwargs)
     if process is not None:
         sigma_min = process.sigma_min if sigma_min is None else sigma_min
         sigma_max = process.sigma_max if sigma_max is None else sigma_max
     if sigma_min is None or sigma_max is None:
-        raise ValueError(f"grid {name!r} needs sigma_min and sigma_max (or process=...)")
-    fn = {"karras": karras, "loglinear": loglinear, "polyexponential": polyexponential,
-          "gaussian_lte": gaussian_lte}[name]
+        raise UsageError(f"grid {name!r} needs sigma_min and sigma_max (or process=...)")
     return fn(n, sigma_min, sigma_max, **kwargs)

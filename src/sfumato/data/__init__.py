@@ -33,6 +33,7 @@ import inspect
 from collections.abc import Callable
 from functools import partial
 
+from ..errors import DataError
 from ._config import check_keys, unknown
 from .base import Data, ImageData, ToyData, from_uint8, resize, to_uint8
 from .images import load_digits, load_folder, load_npz, save_npz, stratified_split
@@ -83,7 +84,7 @@ def get_dataset(cfg: dict | str) -> Data:
     """
     cfg = {"name": cfg} if isinstance(cfg, str) else dict(cfg)
     if "name" not in cfg:
-        raise ValueError(f"data config needs a 'name'; one of: {', '.join(sorted(DATASETS))}")
+        raise DataError(f"data config needs a 'name'; one of: {', '.join(sorted(DATASETS))}")
     name = cfg.pop("name")
     if name not in DATASETS:
         raise unknown("data set", name, DATASETS)
@@ -93,5 +94,5 @@ def get_dataset(cfg: dict | str) -> Data:
     check_keys(f"data set {name!r}", cfg, params)
     missing = [k for k, p in params.items() if p.default is p.empty and k not in cfg]
     if missing:
-        raise ValueError(f"data set {name!r} needs {', '.join(map(repr, missing))}")
+        raise DataError(f"data set {name!r} needs {', '.join(map(repr, missing))}")
     return loader(**cfg)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 
+from ..errors import DataError, did_you_mean
 
-def unknown(kind: str, name: object, valid: Iterable[str]) -> ValueError:
-    """A ValueError naming the bad ``name``, the closest valid one and all valid ones."""
+
+def unknown(kind: str, name: object, valid: Iterable[str]) -> DataError:
+    """A :class:`DataError` naming the bad ``name``, the closest valid one and all valid
+    ones."""
     valid = sorted(valid)
-    close = difflib.get_close_matches(str(name), valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Valid: {', '.join(valid)}")
+    return DataError(f"unknown {kind} {name!r}{did_you_mean(name, valid)}; valid: "
+                     f"{', '.join(valid)}")
 
 
 def check_keys(where: str, cfg: dict, allowed: Iterable[str]) -> None:

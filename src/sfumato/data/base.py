@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import DataError
+
 __all__ = ["Data", "ImageData", "ToyData", "to_uint8", "from_uint8", "resize"]
 
 
@@ -17,7 +19,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     clipped). Exact inverse of :func:`from_uint8` on uint8 input."""
     x = torch.as_tensor(x)
     if x.ndim != 4:
-        raise ValueError(f"to_uint8 expects (N, C, H, W); got shape {tuple(x.shape)}")
+        raise DataError(f"to_uint8 expects (N, C, H, W); got shape {tuple(x.shape)}")
     u = ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return u.permute(0, 2, 3, 1).contiguous()
 
@@ -26,11 +28,11 @@ def from_uint8(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, C) or (N, H, W) uint8 -> (N, C, H, W) float32 in [-1, 1]."""
     t = torch.as_tensor(np.asarray(a))
     if t.dtype != torch.uint8:
-        raise ValueError(f"from_uint8 expects uint8; got {t.dtype}")
+        raise DataError(f"from_uint8 expects uint8; got {t.dtype}")
     if t.ndim == 3:
         t = t[..., None]
     if t.ndim != 4:
-        raise ValueError(f"from_uint8 expects (N, H, W[, C]); got shape {tuple(t.shape)}")
+        raise DataError(f"from_uint8 expects (N, H, W[, C]); got shape {tuple(t.shape)}")
     return t.permute(0, 3, 1, 2).float().div(127.5).sub(1).contiguous()
 
 
@@ -41,7 +43,7 @@ def resize(x: torch.Tensor, size: int | tuple[int, int] | None) -> torch.Tensor:
         return x
     hw = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
     if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"size must be an int or (height, width); got {size!r}")
+        raise DataError(f"size must be an int or (height, width); got {size!r}")
     if tuple(x.shape[-2:]) == hw:
         return x
     shrink = hw[0] < x.shape[-2] or hw[1] < x.shape[-1]
@@ -77,7 +79,7 @@ class Data:
         self.heldout, self.heldout_labels = heldout, heldout_labels
         for x, y, what in ((train, labels, "train"), (heldout, heldout_labels, "heldout")):
             if y is not None and (x is None or y.shape != (x.shape[0],)):
-                raise ValueError(f"{what} labels must have shape (N,) matching the images")
+                raise DataError(f"{what} labels must have shape (N,) matching the images")
         if labels is not None and num_classes is None:
             num_classes = int(labels.max()) + 1
         self.num_classes, self.class_names = num_classes, class_names
@@ -104,9 +106,9 @@ class Data:
             return self.train, self.labels
         if split == "heldout":
             if self.heldout is None:
-                raise ValueError(f"data set {self.name!r} has no held-out split")
+                raise DataError(f"data set {self.name!r} has no held-out split")
             return self.heldout, self.heldout_labels
-        raise ValueError(f"split must be 'train' or 'heldout'; got {split!r}")
+        raise DataError(f"split must be 'train' or 'heldout'; got {split!r}")
 
     def batches(self, batch_size: int, generator: torch.Generator, rank: int = 0,
                 world_size: int = 1, *, drop_last: bool = True, split: str = "train",
@@ -121,14 +123,14 @@ class Data:
         yield the same number of batches. ``batch_size`` is per rank.
         """
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size; got "
-                             f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
+            raise DataError(f"need batch_size >= 1 and 0 <= rank < world_size; got "
+                            f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
         x, y = self._split(split)
         n = x.shape[0]
         per_rank = n // world_size
         if drop_last and per_rank < batch_size:
-            raise ValueError(f"batch_size {batch_size} exceeds the {per_rank} samples per rank "
-                             f"of {self.name!r}; lower it or pass drop_last=False")
+            raise DataError(f"batch_size {batch_size} exceeds the {per_rank} samples per rank "
+                            f"of {self.name!r}; lower it or pass drop_last=False")
         perm = torch.randperm(n, generator=generator)[: per_rank * world_size][rank::world_size]
         stop = per_rank - per_rank % batch_size if drop_last else per_rank
         for i in range(0, stop, batch_size):

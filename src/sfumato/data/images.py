@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .base import ImageData, from_uint8, resize, to_uint8
 
 __all__ = ["load_digits", "load_folder", "load_npz", "save_npz", "stratified_split"]
@@ -29,8 +30,8 @@ def stratified_split(labels: np.ndarray | None, n: int, heldout: int | float,
     """
     k = int(round(heldout * n)) if isinstance(heldout, float) and 0 < heldout < 1 else heldout
     if not isinstance(k, (int, np.integer)) or not 0 <= k < n:
-        raise ValueError(f"heldout must be a count in [0, {n}) or a fraction in (0, 1); "
-                         f"got {heldout!r}")
+        raise DataError(f"heldout must be a count in [0, {n}) or a fraction in (0, 1); "
+                        f"got {heldout!r}")
     rng = np.random.RandomState(seed)
     if labels is None:
         perm = rng.permutation(n)
@@ -109,10 +110,10 @@ def _resized(data: ImageData, size) -> ImageData:
 def image_shape(size: int | tuple[int, int], channels: int) -> tuple[int, int]:
     """(H, W) from ``size`` (int or (H, W)); ValueError for bad sizes or channel counts."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
+        raise DataError(f"channels must be 1 (grayscale) or 3 (RGB); got {channels!r}")
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"size must be an int or (height, width); got {size!r}")
+        raise DataError(f"size must be an int or (height, width); got {size!r}")
     return hw
 
 
@@ -151,9 +152,9 @@ def load_folder(path: str | os.PathLike, *, size: int | tuple[int, int], channel
     if labels:
         top = [p for p in files if len(p.relative_to(root).parts) < 2]
         if top:
-            raise ValueError(f"labels=True takes classes from subfolder names, but "
-                             f"{len(top)} file(s) lie directly in {str(root)!r} "
-                             f"(e.g. {top[0].name!r})")
+            raise DataError(f"labels=True takes classes from subfolder names, but "
+                            f"{len(top)} file(s) lie directly in {str(root)!r} "
+                            f"(e.g. {top[0].name!r})")
     arrays, classes, bad = [], [], []
     for p in files:
         try:
@@ -168,8 +169,8 @@ def load_folder(path: str | os.PathLike, *, size: int | tuple[int, int], channel
         warnings.warn(f"image folder {str(root)!r}: skipped {len(bad)} of {len(files)} files "
                       f"that are not readable images (e.g. {eg})", stacklevel=2)
     if not arrays:
-        raise ValueError(f"no readable images in {str(root)!r} ({len(files)} files found, "
-                         f"{len(bad)} unreadable)")
+        raise DataError(f"no readable images in {str(root)!r} ({len(files)} files found, "
+                        f"{len(bad)} unreadable)")
     x = from_uint8(np.stack(arrays))
     y, names = None, None
     if labels:
@@ -193,34 +194,34 @@ def _images_from_array(a: np.ndarray, where: str) -> torch.Tensor:
         if a.ndim == 3:
             a = a[..., None]
         if a.ndim != 4 or a.shape[-1] not in (1, 3):
-            raise ValueError(f"{where}: uint8 images of shape {a.shape} are not NHWC with 1 or "
-                             f"3 channels; {_NPZ_HELP}")
+            raise DataError(f"{where}: uint8 images of shape {a.shape} are not NHWC with 1 or "
+                            f"3 channels; {_NPZ_HELP}")
         x = from_uint8(a)
     elif np.issubdtype(a.dtype, np.floating):
         if a.ndim != 4 or a.shape[1] not in (1, 3):
-            raise ValueError(f"{where}: float images of shape {a.shape} are not NCHW with 1 or "
-                             f"3 channels; {_NPZ_HELP}")
+            raise DataError(f"{where}: float images of shape {a.shape} are not NCHW with 1 or "
+                            f"3 channels; {_NPZ_HELP}")
         if not np.isfinite(a).all():
-            raise ValueError(f"{where}: float images contain NaN or inf")
+            raise DataError(f"{where}: float images contain NaN or inf")
         lo, hi = float(a.min(initial=0)), float(a.max(initial=0))
         if lo < -1.001 or hi > 1.001:
-            raise ValueError(f"{where}: float images span [{lo:.3g}, {hi:.3g}], not [-1, 1] "
-                             f"(store 0..255 pixels as uint8 NHWC instead)")
+            raise DataError(f"{where}: float images span [{lo:.3g}, {hi:.3g}], not [-1, 1] "
+                            f"(store 0..255 pixels as uint8 NHWC instead)")
         x = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).clamp(-1, 1)
     else:
-        raise ValueError(f"{where}: images have dtype {a.dtype}; {_NPZ_HELP}")
+        raise DataError(f"{where}: images have dtype {a.dtype}; {_NPZ_HELP}")
     if x.shape[0] == 0:
-        raise ValueError(f"{where}: no images (N = 0)")
+        raise DataError(f"{where}: no images (N = 0)")
     return x
 
 
 def _labels_from_array(a: np.ndarray, n: int, where: str) -> torch.Tensor:
     if not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{where}: labels have dtype {a.dtype}, not an integer type")
+        raise DataError(f"{where}: labels have dtype {a.dtype}, not an integer type")
     if a.shape != (n,):
-        raise ValueError(f"{where}: labels have shape {a.shape}, expected ({n},)")
+        raise DataError(f"{where}: labels have shape {a.shape}, expected ({n},)")
     if n and a.min() < 0:
-        raise ValueError(f"{where}: labels must be >= 0; found {a.min()}")
+        raise DataError(f"{where}: labels must be >= 0; found {a.min()}")
     return torch.from_numpy(a.astype(np.int64))
 
 
@@ -240,39 +241,39 @@ def load_npz(path: str | os.PathLike, *, size: int | tuple[int, int] | None = No
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as e:
-        raise ValueError(f"{where}: not a readable .npz file ({e})") from e
+        raise DataError(f"{where}: not a readable .npz file ({e})") from e
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise ValueError(f"{where}: holds a single array, not an .npz archive; {_NPZ_HELP}")
+        raise DataError(f"{where}: holds a single array, not an .npz archive; {_NPZ_HELP}")
     with z:
         keys = set(z.files)
         extra = keys - {"images", "labels", "heldout_images", "heldout_labels"}
         if "images" not in keys or extra:
-            raise ValueError(f"{where}: keys {sorted(keys)}; {_NPZ_HELP}")
+            raise DataError(f"{where}: keys {sorted(keys)}; {_NPZ_HELP}")
         try:
             arrays = {k: z[k] for k in keys}
         except ValueError as e:  # object arrays need pickle, which is refused
-            raise ValueError(f"{where}: {e}; {_NPZ_HELP}") from e
+            raise DataError(f"{where}: {e}; {_NPZ_HELP}") from e
     x = _images_from_array(arrays["images"], where)
     y = _labels_from_array(arrays["labels"], x.shape[0], where) if "labels" in arrays else None
     info = {"source": "npz", "path": where}
     if "heldout_images" in arrays:
         if heldout:
-            raise ValueError(f"{where} stores heldout_images; do not also ask for heldout="
-                             f"{heldout!r}")
+            raise DataError(f"{where} stores heldout_images; do not also ask for heldout="
+                            f"{heldout!r}")
         hx = _images_from_array(arrays["heldout_images"], where + " (heldout_images)")
         if hx.shape[1:] != x.shape[1:]:
-            raise ValueError(f"{where}: heldout_images {tuple(hx.shape[1:])} differ from "
-                             f"images {tuple(x.shape[1:])}")
+            raise DataError(f"{where}: heldout_images {tuple(hx.shape[1:])} differ from "
+                            f"images {tuple(x.shape[1:])}")
         hy = None
         if "heldout_labels" in arrays:
             hy = _labels_from_array(arrays["heldout_labels"], hx.shape[0], where)
         if (y is None) != (hy is None):
-            raise ValueError(f"{where}: give labels for both images and heldout_images, or "
-                             f"for neither")
+            raise DataError(f"{where}: give labels for both images and heldout_images, or "
+                            f"for neither")
         nc = None if y is None else int(max(y.max(), hy.max())) + 1
         data = ImageData("npz", x, y, hx, hy, num_classes=nc, info=info)
     elif "heldout_labels" in arrays:
-        raise ValueError(f"{where}: heldout_labels without heldout_images")
+        raise DataError(f"{where}: heldout_labels without heldout_images")
     else:
         data = _split_data("npz", x, y, heldout, seed, info)
     return _resized(data, size)

@@ -22,6 +22,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
+from ..errors import DataError
 from .base import ImageData, from_uint8
 
 __all__ = ["NumpyUnpickler", "load_numpy_pickle", "mnist_path", "load_mnist", "INSTALL_HINT"]
@@ -81,11 +82,11 @@ def mnist_path() -> Path:
 
 def _to_uint8(part, what: str) -> tuple[np.ndarray, np.ndarray]:
     if not (isinstance(part, tuple) and len(part) == 2):
-        raise ValueError(f"MNIST file: {what} is not an (images, labels) pair")
+        raise DataError(f"MNIST file: {what} is not an (images, labels) pair")
     x, y = part
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.ndim == 2
             and x.shape[1] == 784 and y.shape == (x.shape[0],)):
-        raise ValueError(f"MNIST file: {what} arrays have unexpected shapes")
+        raise DataError(f"MNIST file: {what} arrays have unexpected shapes")
     # stored as float32 k / 256, k = 0..255
     u = np.clip(np.rint(x * 256.0), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
     return u, y.astype(np.int64)
@@ -96,7 +97,7 @@ def _mnist_arrays(path: str) -> dict[str, np.ndarray]:
     with gzip.open(path, "rb") as f:
         parts = load_numpy_pickle(f)
     if not (isinstance(parts, tuple) and len(parts) == 3):
-        raise ValueError(f"{path}: expected (train, validation, test) parts")
+        raise DataError(f"{path}: expected (train, validation, test) parts")
     (xt, yt), (xv, yv), (xs, ys) = (_to_uint8(p, w) for p, w in
                                     zip(parts, ("train", "validation", "test"), strict=True))
     # the file splits the official 60k training set 50k + 10k; join them back

@@ -6,18 +6,16 @@ and cached as safetensors weights plus a JSON sidecar in :func:`cache_dir`. The 
 holds the recipe, a hash of recipe and data, the held-out accuracy and the SHA-256 of the
 weights file; a cache entry whose hash or checksum does not match, or that fails to load, is
 reported and retrained. Nothing is ever unpickled. Files are written atomically (temporary
-file + ``os.replace``).
+file + rename, :mod:`sfumato.files`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data.base import ImageData, resize
+from ..errors import UsageError
+from ..files import atomic_write, sha256_file
+from ..runtime import torch_threads
 
 __all__ = ["RECIPES", "SmallCNN", "Classifier", "cache_dir", "get_classifier",
            "train_classifier"]
@@ -126,10 +127,10 @@ class Classifier:
     def _run(self, fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
         x = torch.as_tensor(images)
         if x.ndim != 4 or x.shape[1] != self.input_shape[0]:
-            raise ValueError(f"expected images (N, {self.input_shape[0]}, H, W); "
+            raise UsageError(f"expected images (N, {self.input_shape[0]}, H, W); "
                              f"got {tuple(x.shape)}")
         out = []
-        with torch.no_grad(), _num_threads(self.threads):
+        with torch.no_grad(), torch_threads(self.threads):
             for i in range(0, x.shape[0], batch_size):
                 xb = resize(x[i:i + batch_size].detach().float().cpu(), self.input_shape[1:])
                 out.append(fn(xb))
@@ -163,26 +164,13 @@ def _net(shape, num_classes: int, r: dict) -> SmallCNN:
                     r["convs"])
 
 
-@contextlib.contextmanager
-def _num_threads(n: int | None):
-    """Temporarily set torch's intra-op threads (a tiny net trains fastest, and reproducibly,
-    on one thread; several threads on a busy machine mostly spin)."""
-    old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def train_classifier(data: ImageData, recipe: dict | None = None, *,
                      verbose: bool = False) -> Classifier:
     """Train a :class:`SmallCNN` on ``data.train`` / ``data.labels`` (deterministic given the
     recipe's seed; global RNG state is left untouched) and measure its accuracy on the
     held-out split if there is one."""
     if data.labels is None or not data.num_classes:
-        raise ValueError(f"data set {data.name!r} has no labels to train a classifier on")
+        raise UsageError(f"data set {data.name!r} has no labels to train a classifier on")
     r = _resolve_recipe(data.name, data, recipe)
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -194,7 +182,7 @@ def train_classifier(data: ImageData, recipe: dict | None = None, *,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
     net.train()
-    with _num_threads(r.get("threads")):
+    with torch_threads(r.get("threads")):
         for epoch in range(r["epochs"]):
             total, count = 0.0, 0
             for xb, yb in data.batches(r["batch_size"], g):
@@ -218,26 +206,6 @@ def train_classifier(data: ImageData, recipe: dict | None = None, *,
     return clf
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
 def _builtin_data(name: str) -> ImageData:
     from ..data import get_dataset
 
@@ -247,9 +215,9 @@ def _builtin_data(name: str) -> ImageData:
 def _load_cached(weights: Path, sidecar: Path, key: str) -> Classifier:
     meta = json.loads(sidecar.read_text())
     if meta.get("key") != key:
-        raise ValueError("recipe/data hash differs")
-    if _sha256(weights) != meta.get("sha256"):
-        raise ValueError("weights checksum differs")
+        raise UsageError("recipe/data hash differs")
+    if sha256_file(weights) != meta.get("sha256"):
+        raise UsageError("weights checksum differs")
     from safetensors.torch import load_file
 
     state = load_file(str(weights))
@@ -295,8 +263,10 @@ def get_classifier(data: str | ImageData = "digits", *, cache: str | os.PathLike
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in clf.net.state_dict().items()}
-    _atomic_write(weights, lambda p: save_file(state, p, metadata={"key": key}))
-    meta["sha256"] = _sha256(weights)
-    _atomic_write(sidecar, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    with atomic_write(weights) as tmp:
+        save_file(state, str(tmp), metadata={"key": key})
+    meta["sha256"] = sha256_file(weights)
+    with atomic_write(sidecar) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2))
     clf.meta = meta
     return clf

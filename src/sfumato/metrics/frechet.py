@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..errors import UsageError
+
 __all__ = ["gaussian_stats", "frechet_from_stats", "frechet_distance"]
 
 
@@ -26,9 +28,9 @@ def gaussian_stats(feats) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and unbiased covariance (D, D) of features (N, D), in float64."""
     f = _as_f64(feats)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features must have shape (N >= 2, D); got {f.shape}")
+        raise UsageError(f"features must have shape (N >= 2, D); got {f.shape}")
     if not np.isfinite(f).all():
-        raise ValueError("features contain NaN or inf")
+        raise UsageError("features contain NaN or inf")
     return f.mean(0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
@@ -42,7 +44,7 @@ def frechet_from_stats(mu_a, cov_a, mu_b, cov_b) -> float:
     mu_a, mu_b, cov_a, cov_b = map(_as_f64, (mu_a, mu_b, cov_a, cov_b))
     if mu_a.shape != mu_b.shape or cov_a.shape != cov_b.shape or \
             cov_a.shape != mu_a.shape * 2:
-        raise ValueError(f"mismatched statistics: means {mu_a.shape}, {mu_b.shape}; "
+        raise UsageError(f"mismatched statistics: means {mu_a.shape}, {mu_b.shape}; "
                          f"covariances {cov_a.shape}, {cov_b.shape}")
     s = _psd_sqrt(cov_a)
     m = s @ cov_b @ s
@@ -57,5 +59,5 @@ def frechet_distance(feats_a, feats_b) -> float:
     (arrays or tensors). With Inception pool3 features this is FID."""
     fa, fb = _as_f64(feats_a), _as_f64(feats_b)
     if fa.ndim != 2 or fb.ndim != 2 or fa.shape[1] != fb.shape[1]:
-        raise ValueError(f"feature sets must be (N, D) with equal D; got {fa.shape}, {fb.shape}")
+        raise UsageError(f"feature sets must be (N, D) with equal D; got {fa.shape}, {fb.shape}")
     return frechet_from_stats(*gaussian_stats(fa), *gaussian_stats(fb))

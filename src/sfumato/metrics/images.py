@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..data.base import Data, ImageData, from_uint8
+from ..errors import UsageError
 from .classifier import Classifier, get_classifier
 from .frechet import frechet_distance
 
@@ -73,28 +74,28 @@ def evaluate_images(samples: torch.Tensor, dataset: str | dict | ImageData, *,
 
         dataset = get_dataset(dataset)
     if dataset.heldout is None:
-        raise ValueError(f"data set {dataset.name!r} has no held-out split to compare with; "
+        raise UsageError(f"data set {dataset.name!r} has no held-out split to compare with; "
                          f"load it with heldout=... > 0")
     x = torch.as_tensor(samples)
     if x.dtype == torch.uint8:
         x = from_uint8(x)
     x = x.detach().float().cpu()
     if tuple(x.shape[1:]) != dataset.shape:
-        raise ValueError(f"samples have shape {tuple(x.shape[1:])}, the data set "
+        raise UsageError(f"samples have shape {tuple(x.shape[1:])}, the data set "
                          f"{dataset.name!r} {dataset.shape}")
     n = x.shape[0] if n is None else n
     if not 2 <= n <= x.shape[0]:
-        raise ValueError(f"n must lie in [2, {x.shape[0]}] (the number of samples); got {n}")
+        raise UsageError(f"n must lie in [2, {x.shape[0]}] (the number of samples); got {n}")
     if n > len(dataset):
-        raise ValueError(f"n = {n} exceeds the {len(dataset)} training images available for "
+        raise UsageError(f"n = {n} exceeds the {len(dataset)} training images available for "
                          f"the floor")
     x = x[:n]
     if not torch.isfinite(x).all():
-        raise ValueError("samples contain NaN or inf")
+        raise UsageError("samples contain NaN or inf")
     if labels is not None:
         labels = torch.as_tensor(labels).long().cpu()[:n]
         if labels.shape != (n,):
-            raise ValueError(f"labels must have shape ({n},); got {tuple(labels.shape)}")
+            raise UsageError(f"labels must have shape ({n},); got {tuple(labels.shape)}")
 
     # the classifier gives the features unless an extractor is passed, and the class numbers
     # (trained on first use; for a user's data set only when they are asked for)
@@ -103,13 +104,13 @@ def evaluate_images(samples: torch.Tensor, dataset: str | dict | ImageData, *,
         classifier = get_classifier(dataset, cache=cache)
     extractor = feature_extractor if feature_extractor is not None else classifier
     if extractor is None:
-        raise ValueError(f"data set {dataset.name!r} has no labels for a built-in classifier: "
+        raise UsageError(f"data set {dataset.name!r} has no labels for a built-in classifier: "
                          f"pass feature_extractor=...")
 
     held = dataset.heldout
     m = min(n, held.shape[0]) if n_ref is None else n_ref
     if not 2 <= m <= held.shape[0]:
-        raise ValueError(f"n_ref must lie in [2, {held.shape[0]}]; got {m}")
+        raise UsageError(f"n_ref must lie in [2, {held.shape[0]}]; got {m}")
     rng = np.random.RandomState(seed)
     ref_idx = torch.from_numpy(np.sort(rng.choice(held.shape[0], m, replace=False)))
     f_ref = _feats(extractor, held[ref_idx])

@@ -1,5 +1,5 @@
 """Distances between 2-D point clouds and fresh ground truth: sliced Wasserstein (from
-:mod:`sfumato.check`) and kernel MMD, each with its sampling-noise floor."""
+:mod:`sfumato.accuracy`) and kernel MMD, each with its sampling-noise floor."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..check import sliced_wasserstein
-from .classifier import _num_threads
+from ..accuracy import sliced_wasserstein
+from ..errors import UsageError
+from ..runtime import torch_threads
 
 __all__ = ["DEFAULT_BANDWIDTHS", "mmd", "evaluate_2d"]
 
@@ -23,7 +24,7 @@ def _kernel_mean(a: torch.Tensor, b: torch.Tensor, bandwidths: Sequence[float],
     Squared distances from direct differences (no cancellation), kernels in float32, sums in
     float64."""
     total = 0.0
-    with _num_threads(1):  # block-wise elementwise work: threads only add overhead here
+    with torch_threads(1):  # block-wise elementwise work: threads only add overhead here
         for i in range(0, a.shape[0], block):
             for j in range(0, b.shape[0], block):
                 d2 = (a[i:i + block, None, :] - b[None, j:j + block, :]).pow(2).sum(-1).float()
@@ -41,7 +42,7 @@ def _median_bandwidth(x: torch.Tensor, max_points: int = 2000) -> float:
 def _bandwidths(b: torch.Tensor, bandwidths) -> Sequence[float]:
     if isinstance(bandwidths, str):
         if bandwidths != "median":
-            raise ValueError(f"bandwidths must be a sequence or 'median'; got {bandwidths!r}")
+            raise UsageError(f"bandwidths must be a sequence or 'median'; got {bandwidths!r}")
         return (_median_bandwidth(b),)
     return tuple(float(h) for h in bandwidths)
 
@@ -61,7 +62,7 @@ def mmd(a: torch.Tensor, b: torch.Tensor,
     """
     a, b = _flat(a), _flat(b)
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"point clouds differ in dimension: {a.shape} and {b.shape}")
+        raise UsageError(f"point clouds differ in dimension: {a.shape} and {b.shape}")
     h = _bandwidths(b, bandwidths)
     m2 = _kernel_mean(a, a, h) + _kernel_mean(b, b, h) - 2 * _kernel_mean(a, b, h)
     return math.sqrt(max(m2, 0.0))
@@ -91,7 +92,7 @@ def evaluate_2d(samples: torch.Tensor, toy, *, seed: int = 0, n_proj: int = 256,
 
     ``toy``: a toy name (``"moons"``, ...), a ``ToyData``, or a callable
     ``(n, generator) -> (n, 2)``. Returns ``{"sw", "sw_floor", "mmd", "mmd_floor", "n",
-    "n_mmd"}``: the sliced Wasserstein distance (:func:`sfumato.check.sliced_wasserstein`)
+    "n_mmd"}``: the sliced Wasserstein distance (:func:`sfumato.accuracy.sliced_wasserstein`)
     and the MMD between the samples and a ground-truth sample of the same size, and as floor
     the same metric between further independent ground-truth samples and that reference
     (mean over ``floor_repeats`` draws): what a perfect sampler scores. MMD, quadratic in
@@ -100,15 +101,15 @@ def evaluate_2d(samples: torch.Tensor, toy, *, seed: int = 0, n_proj: int = 256,
     """
     samples = _flat(samples)
     if samples.shape[0] < 2:
-        raise ValueError(f"need at least 2 samples; got {tuple(samples.shape)}")
+        raise UsageError(f"need at least 2 samples; got {tuple(samples.shape)}")
     if not torch.isfinite(samples).all():
-        raise ValueError("samples contain NaN or inf")
+        raise UsageError("samples contain NaN or inf")
     n = samples.shape[0]
     draw = _sampler(toy)
     g = torch.Generator().manual_seed(seed)
     ref = _flat(draw(n, g))
     if ref.shape != samples.shape:
-        raise ValueError(f"samples {tuple(samples.shape)} differ from ground truth "
+        raise UsageError(f"samples {tuple(samples.shape)} differ from ground truth "
                          f"{tuple(ref.shape)}")
     others = [_flat(draw(n, g)) for _ in range(max(1, floor_repeats))]
 

@@ -26,12 +26,12 @@ DiffusersUNet refuse ``context`` with a ValueError rather than ignoring it.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
+from ..errors import ConfigError, did_you_mean
 from ._common import check_kwargs
 from .classifier import EncoderClassifier
 from .controlnet import ControlledUNet, ControlNet
@@ -77,13 +77,12 @@ def build_net(cfg: Mapping[str, Any]) -> nn.Module:
     the constructor does not take (naming it, suggesting the closest valid key, listing all).
     """
     if "type" not in cfg:
-        raise ValueError(f"net config needs a 'type', one of {sorted(NETS)}; got keys "
-                         f"{sorted(cfg)}")
+        raise ConfigError(f"net config needs a 'type', one of {sorted(NETS)}; got keys "
+                          f"{sorted(cfg)}")
     kind = cfg["type"]
     if kind not in NETS and kind != "controlnet":
-        close = difflib.get_close_matches(str(kind), list(NETS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown net type {kind!r}{hint}; choose one of {sorted(NETS)}")
+        raise ConfigError(f"unknown net type {kind!r}{did_you_mean(kind, NETS)}; choose one of "
+                          f"{sorted(NETS)}")
     kwargs = {k: v for k, v in cfg.items() if k != "type"}
     if kind == "controlnet":
         return _build_controlled(kwargs)
@@ -101,8 +100,8 @@ def _build_controlled(kwargs: dict[str, Any]) -> nn.Module:
     kw.pop("hint", None)
     kw.pop("num_classes", None)  # the base's, already in its config
     if not isinstance(base_cfg, Mapping):
-        raise ValueError("a 'controlnet' net config needs 'base': the base U-Net's config (the "
-                         "trainer fills it in from the base run directory named there)")
+        raise ConfigError("a 'controlnet' net config needs 'base': the base U-Net's config (the "
+                          "trainer fills it in from the base run directory named there)")
     check_kwargs("'controlnet' net config", ControlNet.__init__, kw,
                  skip=("self", "base"))
     return ControlledUNet(build_net(base_cfg), **kw)

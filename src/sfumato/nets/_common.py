@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+
+from ..errors import ConfigError, did_you_mean
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -23,8 +24,8 @@ def no_context(name: str, context: torch.Tensor | None) -> None:
     """Refuse text/sequence conditioning in a network that has no cross-attention yet, rather
     than silently ignoring it."""
     if context is not None:
-        raise ValueError(f"{name} has no cross-attention: `context` is not supported "
-                         "(pass context=None)")
+        raise ConfigError(f"{name} has no cross-attention: `context` is not supported "
+                          "(pass context=None)")
 
 
 def check_kwargs(what: str, fn: Callable, kwargs: Mapping[str, Any],
@@ -36,9 +37,12 @@ def check_kwargs(what: str, fn: Callable, kwargs: Mapping[str, Any],
     bad = [k for k in kwargs if k not in valid]
     if not bad:
         return
-    msgs = []
-    for k in bad:
-        close = difflib.get_close_matches(str(k), valid, n=1, cutoff=0.6)
-        msgs.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    raise ValueError(f"unknown {what} key{'s' if len(bad) > 1 else ''} {', '.join(msgs)}; "
-                     f"valid keys: {', '.join(valid)}")
+    msgs = [f"{k!r}{did_you_mean(k, valid)}" for k in bad]
+    raise ConfigError(f"unknown {what} key{'s' if len(bad) > 1 else ''} {', '.join(msgs)}; "
+                      f"valid keys: {', '.join(valid)}")
+
+
+def check_heads(width: int, num_heads: int, what: str) -> None:
+    """ConfigError unless ``width`` splits into ``num_heads`` equal heads."""
+    if width % num_heads:
+        raise ConfigError(f"{what} {width} not divisible by num_heads {num_heads}")

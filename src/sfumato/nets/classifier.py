@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from .embedding import ConditionEmbedding
 from .unet import Downsample, ResBlock
 
@@ -40,7 +41,7 @@ class EncoderClassifier(nn.Module):
         levels = len(channel_mult)
         factor = patch_size * 2 ** (levels - 1)
         if image_size % factor:
-            raise ValueError(f"image_size {image_size} is not divisible by patch_size * "
+            raise UsageError(f"image_size {image_size} is not divisible by patch_size * "
                              f"2**(levels-1) = {factor}")
         self.in_channels, self.num_classes, self.patch_size = in_channels, num_classes, patch_size
         emb_dim = 4 * model_channels
@@ -60,7 +61,7 @@ class EncoderClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor | float) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"EncoderClassifier expects x of shape (B, {self.in_channels}, H, "
+            raise UsageError(f"EncoderClassifier expects x of shape (B, {self.in_channels}, H, "
                              f"W); got {tuple(x.shape)}")
         emb = self.cond(c_noise, x.shape[0], x.device)
         if self.patch_size > 1:

@@ -31,7 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import no_context, zero_
+from ..errors import UsageError
+from ._common import check_heads, no_context, zero_
+
+
+def require_context(context: object, block: str) -> Context:
+    """``context`` if it is a prepared :class:`Context`, else a ValueError naming ``block``
+    (a block built with cross-attention cannot run without it)."""
+    if not isinstance(context, Context):
+        raise UsageError(f"this {block} has cross-attention: pass the prepared Context (see "
+                         "sfumato.nets.context)")
+    return context
 
 __all__ = ["Context", "ContextEmbedding", "CrossAttention", "prepare_context"]
 
@@ -55,9 +65,7 @@ class CrossAttention(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"cross-attention width {dim} not divisible by "
-                             f"num_heads {num_heads}")
+        check_heads(dim, num_heads, "cross-attention width")
         self.num_heads = num_heads
         self.norm = nn.LayerNorm(dim)
         self.q = nn.Linear(dim, dim)
@@ -86,7 +94,7 @@ class ContextEmbedding(nn.Module):
     def __init__(self, context_dim: int, emb_dim: int) -> None:
         super().__init__()
         if context_dim < 1:
-            raise ValueError(f"context_dim must be >= 1 or None, got {context_dim}")
+            raise UsageError(f"context_dim must be >= 1 or None, got {context_dim}")
         self.context_dim = context_dim
         self.null = nn.Parameter(torch.zeros(1, 1, context_dim))
         self.pool = zero_(nn.Linear(context_dim, emb_dim))
@@ -96,20 +104,20 @@ class ContextEmbedding(nn.Module):
         null = self.null
         if context is None:
             if context_mask is not None:
-                raise ValueError("context_mask given without context")
+                raise UsageError("context_mask given without context")
             states = null.expand(batch, 1, -1)
             mask = torch.ones(batch, 1, dtype=torch.bool, device=null.device)
             return Context(states, mask), self.pool(null[:, 0]).expand(batch, -1)
         if context.ndim != 3 or context.shape[0] not in (1, batch) \
                 or context.shape[2] != self.context_dim:
-            raise ValueError(f"context must have shape (B={batch}, L, {self.context_dim}) "
+            raise UsageError(f"context must have shape (B={batch}, L, {self.context_dim}) "
                              f"(or batch 1); got {tuple(context.shape)}")
         L = context.shape[1]
         context = context.to(null.dtype).expand(batch, -1, -1)
         if context_mask is None:
             context_mask = torch.ones(batch, L, dtype=torch.bool, device=context.device)
         elif context_mask.shape not in ((batch, L), (1, L)):
-            raise ValueError(f"context_mask must have shape (B={batch}, L={L}) matching "
+            raise UsageError(f"context_mask must have shape (B={batch}, L={L}) matching "
                              f"context; got {tuple(context_mask.shape)}")
         m = context_mask.to(torch.bool).expand(batch, -1)
         w = m[..., None].to(context.dtype)
@@ -130,7 +138,7 @@ def prepare_context(module: ContextEmbedding | None, name: str, emb: torch.Tenso
     if module is None:
         no_context(name, context)
         if context_mask is not None:
-            raise ValueError(f"{name} has no cross-attention: `context_mask` is not supported "
+            raise UsageError(f"{name} has no cross-attention: `context_mask` is not supported "
                              "(build it with context_dim to take text)")
         return emb, None
     ctx, pooled = module(context, context_mask, emb.shape[0])

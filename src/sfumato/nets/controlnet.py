@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ._common import zero_
 from .context import prepare_context
 from .unet import UNet, encoder_features, fold_input
@@ -58,7 +59,7 @@ class HintEncoder(nn.Module):
         super().__init__()
         widths = [int(c) for c in embed_channels]
         if not widths or min(widths) < 1 or hint_channels < 1:
-            raise ValueError(f"hint_channels must be >= 1 and hint_embed_channels a non-empty "
+            raise UsageError(f"hint_channels must be >= 1 and hint_embed_channels a non-empty "
                              f"sequence of positive widths; got {hint_channels}, "
                              f"{tuple(embed_channels)}")
         self.patch_size = patch_size
@@ -159,7 +160,7 @@ class ControlNet(nn.Module):
         B, (H, W) = len(x), x.shape[-2:]
         if (hint.ndim != 4 or hint.shape[0] not in (1, B)
                 or tuple(hint.shape[1:]) != (self.hint_channels, H, W)):
-            raise ValueError(f"hint must have shape (B, {self.hint_channels}, H, W) = "
+            raise UsageError(f"hint must have shape (B, {self.hint_channels}, H, W) = "
                              f"({B}, {self.hint_channels}, {H}, {W}) (or a leading 1) for x of "
                              f"shape {tuple(x.shape)}; got {tuple(hint.shape)}")
         emb = self.cond(c_noise, B, x.device, class_labels, extra_embedding)
@@ -201,7 +202,7 @@ class ControlledUNet(nn.Module):
                  **controlnet_config: Any) -> None:
         super().__init__()
         if controlnet is not None and controlnet_config:
-            raise ValueError("pass either a controlnet or its config, not both")
+            raise UsageError("pass either a controlnet or its config, not both")
         self.controlnet = (controlnet if controlnet is not None
                            else ControlNet.from_unet(base, **controlnet_config))
         self.base = base.requires_grad_(False)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ._common import check_kwargs, no_context
 
 __all__ = ["DiffusersUNet"]
@@ -58,7 +59,7 @@ class DiffusersUNet(nn.Module):
         config = dict(config)
         check_kwargs("UNet2DModel config", cls.__init__, config)
         if config.get("time_embedding_type", "positional") == "fourier":
-            raise ValueError(
+            raise UsageError(
                 "time_embedding_type='fourier' is not supported by DiffusersUNet: UNet2DModel "
                 "then takes log(timestep) and divides its output by the timestep (NCSN++ score "
                 "convention); use 'positional' (c_noise is passed as the timestep)"
@@ -78,10 +79,10 @@ class DiffusersUNet(nn.Module):
             c = c.expand(x.shape[0])
         if self.model.class_embedding is None:
             if class_labels is not None:
-                raise ValueError("class_labels given, but the UNet2DModel config has no "
+                raise UsageError("class_labels given, but the UNet2DModel config has no "
                                  "num_class_embeds (unconditional)")
         elif class_labels is None:
-            raise ValueError("this UNet2DModel is class-conditional (num_class_embeds="
+            raise UsageError("this UNet2DModel is class-conditional (num_class_embeds="
                              f"{self.num_classes}); pass class_labels (B,)")
         else:
             class_labels = class_labels.long()

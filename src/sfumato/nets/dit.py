@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import zero_
-from .context import Context, ContextEmbedding, CrossAttention, prepare_context
+from ..errors import UsageError
+from ._common import check_heads, zero_
+from .context import Context, ContextEmbedding, CrossAttention, prepare_context, require_context
 from .embedding import ConditionEmbedding
 
 __all__ = ["DiT", "DiTBlock", "sincos_pos_embed_2d"]
@@ -37,7 +38,7 @@ def sincos_pos_embed_2d(dim: int, h: int, w: int) -> torch.Tensor:
     with ``w_i = 10000 ** (-i / (dim/4))``. ``dim`` must be divisible by 4.
     """
     if dim % 4:
-        raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
+        raise UsageError(f"position embedding dim must be divisible by 4, got {dim}")
     q = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
     rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64),
@@ -60,8 +61,7 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"hidden_size {dim} not divisible by num_heads {num_heads}")
+        check_heads(dim, num_heads, "hidden_size")
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -100,10 +100,7 @@ class DiTBlock(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(c)).chunk(6, dim=1)
         x = x + g1[:, None] * self.attn(_modulate(self.norm1(x), sh1, sc1))
         if self.cross is not None:
-            if not isinstance(context, Context):
-                raise ValueError("this DiT block has cross-attention: pass the prepared "
-                                 "Context (see sfumato.nets.context)")
-            x = x + self.cross(x, context)
+            x = x + self.cross(x, require_context(context, "DiT block"))
         return x + g2[:, None] * self.mlp(_modulate(self.norm2(x), sh2, sc2))
 
 
@@ -144,7 +141,7 @@ class DiT(nn.Module):
                  num_classes: int | None = None, context_dim: int | None = None) -> None:
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} not divisible by patch_size {patch_size}")
+            raise UsageError(f"image_size {image_size} not divisible by patch_size {patch_size}")
         self.image_size = image_size
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
@@ -205,12 +202,12 @@ class DiT(nn.Module):
                 extra_embedding: torch.Tensor | None = None, *,
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"DiT expects x of shape (B, {self.in_channels}, H, W); "
+            raise UsageError(f"DiT expects x of shape (B, {self.in_channels}, H, W); "
                              f"got {tuple(x.shape)}")
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(f"input size {H}x{W} not divisible by patch_size {p}")
+            raise UsageError(f"input size {H}x{W} not divisible by patch_size {p}")
         c = self.cond(c_noise, B, x.device, class_labels, extra_embedding)
         c, context = prepare_context(self.context_embed, "DiT", c, context, context_mask)
         h, w = H // p, W // p

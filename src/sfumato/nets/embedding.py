@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
+
 __all__ = [
     "EMBEDDINGS",
     "PositionalEmbedding",
@@ -43,7 +45,7 @@ def as_batch(c_noise: torch.Tensor | float, batch: int, device: torch.device) ->
     if c.ndim == 0:
         c = c.expand(batch)
     if c.shape != (batch,):
-        raise ValueError(
+        raise UsageError(
             f"c_noise must be a scalar or have shape (batch,) = ({batch},); "
             f"got shape {tuple(c.shape)}"
         )
@@ -60,7 +62,7 @@ class PositionalEmbedding(nn.Module):
     def __init__(self, dim: int, max_period: float = 10000.0) -> None:
         super().__init__()
         if dim < 2:
-            raise ValueError(f"embedding dim must be >= 2, got {dim}")
+            raise UsageError(f"embedding dim must be >= 2, got {dim}")
         self.dim = dim
         half = dim // 2
         freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
@@ -85,7 +87,7 @@ class FourierEmbedding(nn.Module):
     def __init__(self, dim: int, scale: float = 16.0) -> None:
         super().__init__()
         if dim < 2 or dim % 2:
-            raise ValueError(f"fourier embedding dim must be even and >= 2, got {dim}")
+            raise UsageError(f"fourier embedding dim must be even and >= 2, got {dim}")
         self.dim = dim
         self.register_buffer("freqs", torch.randn(dim // 2) * scale)
 
@@ -113,7 +115,7 @@ class NoiseEmbedding(nn.Module):
         elif kind == "fourier":
             self.features = FourierEmbedding(dim, fourier_scale)
         else:
-            raise ValueError(f"unknown embedding {kind!r}; choose one of {EMBEDDINGS}")
+            raise UsageError(f"unknown embedding {kind!r}; choose one of {EMBEDDINGS}")
         self.kind = kind
         self.mlp = nn.Sequential(nn.Linear(dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
@@ -148,7 +150,7 @@ class ConditionEmbedding(nn.Module):
         self.emb_dim = emb_dim
         self.noise = NoiseEmbedding(dim, emb_dim, embedding, max_period, fourier_scale)
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+            raise UsageError(f"num_classes must be >= 1 or None, got {num_classes}")
         self.num_classes = num_classes
         self.label = nn.Embedding(num_classes + 1, emb_dim) if num_classes else None
 
@@ -161,17 +163,17 @@ class ConditionEmbedding(nn.Module):
                 class_labels = torch.full((batch,), self.num_classes, dtype=torch.long,
                                           device=device)
             elif class_labels.shape != (batch,):
-                raise ValueError(
+                raise UsageError(
                     f"class_labels must have shape (batch,) = ({batch},) of integers in "
                     f"[0, {self.num_classes}]; got shape {tuple(class_labels.shape)}"
                 )
             emb = emb + self.label(class_labels.long())
         elif class_labels is not None:
-            raise ValueError("class_labels given, but the network was built with "
+            raise UsageError("class_labels given, but the network was built with "
                              "num_classes=None (unconditional)")
         if extra_embedding is not None:
             if extra_embedding.shape != emb.shape:
-                raise ValueError(f"extra_embedding must have shape {tuple(emb.shape)}; "
+                raise UsageError(f"extra_embedding must have shape {tuple(emb.shape)}; "
                                  f"got {tuple(extra_embedding.shape)}")
             emb = emb + extra_embedding.to(emb.dtype)
         return emb

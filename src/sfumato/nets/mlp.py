@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UsageError
 from ._common import no_context, zero_
 from .embedding import ConditionEmbedding
 
@@ -65,7 +66,7 @@ class MLP(nn.Module):
                  dropout: float = 0.0, out_dim: int | None = None) -> None:
         super().__init__()
         if emb_mode not in EMB_MODES:
-            raise ValueError(f"unknown emb_mode {emb_mode!r}; choose one of {EMB_MODES}")
+            raise UsageError(f"unknown emb_mode {emb_mode!r}; choose one of {EMB_MODES}")
         self.dim = dim
         self.out_dim = out_dim or dim
         self.emb_mode = emb_mode
@@ -85,7 +86,7 @@ class MLP(nn.Module):
                 class_labels: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 extra_embedding: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MLP expects x of shape (B, {self.dim}); got {tuple(x.shape)}")
+            raise UsageError(f"MLP expects x of shape (B, {self.dim}); got {tuple(x.shape)}")
         no_context("MLP", context)
         emb = self.cond(c_noise, x.shape[0], x.device, class_labels, extra_embedding)
         if self.emb_mode == "concat":

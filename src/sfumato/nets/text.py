@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..text.encoders import TinyTextEncoder
 from ._common import check_kwargs
 
@@ -47,14 +48,14 @@ class TextConditioned(nn.Module):
             backbone = build_net(backbone)
         context_dim = getattr(backbone, "context_dim", None)
         if not context_dim:
-            raise ValueError(f"{type(backbone).__name__} backbone has no context_dim: build "
+            raise UsageError(f"{type(backbone).__name__} backbone has no context_dim: build "
                              "it with context_dim=<text width> to take text")
         if encoder is None or isinstance(encoder, Mapping):
             cfg = {"dim": context_dim, **(encoder or {})}
             check_kwargs("text encoder config", TinyTextEncoder.__init__, cfg)
             encoder = TinyTextEncoder(**cfg)
         if encoder.dim != context_dim:
-            raise ValueError(f"text encoder dim {encoder.dim} != backbone context_dim "
+            raise UsageError(f"text encoder dim {encoder.dim} != backbone context_dim "
                              f"{context_dim}")
         self.backbone = backbone
         self.encoder = encoder
@@ -64,7 +65,7 @@ class TextConditioned(nn.Module):
                 text_ids: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                 **kwargs: Any) -> torch.Tensor:
         if "context" in kwargs or "context_mask" in kwargs:
-            raise ValueError("TextConditioned encodes text itself: pass text_ids/text_mask "
+            raise UsageError("TextConditioned encodes text itself: pass text_ids/text_mask "
                              "(from TinyTextEncoder.tokenize), not context")
         states = mask = None
         if text_ids is not None:

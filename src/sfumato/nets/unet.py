@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import zero_
-from .context import Context, ContextEmbedding, CrossAttention, prepare_context
+from ..errors import UsageError
+from ._common import check_heads, zero_
+from .context import Context, ContextEmbedding, CrossAttention, prepare_context, require_context
 from .embedding import ConditionEmbedding
 
 __all__ = ["UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample"]
@@ -100,9 +101,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int, norm_groups: int = 32,
                  eps: float = 1e-5, context_dim: int | None = None) -> None:
         super().__init__()
-        if channels % num_heads:
-            raise ValueError(f"attention channels {channels} not divisible by "
-                             f"num_heads {num_heads}")
+        check_heads(channels, num_heads, "attention channels")
         self.num_heads = num_heads
         self.norm = nn.GroupNorm(norm_groups, channels, eps=eps)
         self.qkv = nn.Linear(channels, 3 * channels)
@@ -119,11 +118,8 @@ class AttentionBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v)  # (B, nh, L, C/nh)
         a = self.proj(a.transpose(1, 2).reshape(B, L, C))
         if self.cross is not None:
-            if not isinstance(context, Context):
-                raise ValueError("this attention block has cross-attention: pass the "
-                                 "prepared Context (see sfumato.nets.context)")
             t = x.permute(0, 2, 3, 1).reshape(B, L, C) + a
-            a = a + self.cross(t, context)
+            a = a + self.cross(t, require_context(context, "attention block"))
         return x + a.reshape(B, H, W, C).permute(0, 3, 1, 2)
 
 
@@ -220,13 +216,13 @@ class UNet(nn.Module):
         channel_mult = tuple(int(m) for m in channel_mult)
         levels = len(channel_mult)
         if levels < 1:
-            raise ValueError("channel_mult must have at least one level")
+            raise UsageError("channel_mult must have at least one level")
         if patch_size < 1:
-            raise ValueError(f"patch_size must be >= 1, got {patch_size}")
+            raise UsageError(f"patch_size must be >= 1, got {patch_size}")
         self.patch_size = patch_size
         self.factor = patch_size * 2 ** (levels - 1)
         if image_size % self.factor:
-            raise ValueError(
+            raise UsageError(
                 f"image_size {image_size} is not divisible by patch_size * 2**(levels-1) = "
                 f"{self.factor} for channel_mult {channel_mult}, patch_size {patch_size}: use "
                 "fewer levels or pad the images"
@@ -235,13 +231,13 @@ class UNet(nn.Module):
         attn_levels = set()
         for r in attention_resolutions:
             if r not in sizes:
-                raise ValueError(f"attention resolution {r} is not a level size for "
+                raise UsageError(f"attention resolution {r} is not a level size for "
                                  f"image_size {image_size}; level sizes are {sizes}")
             attn_levels.add(sizes.index(r))
         widths = [model_channels * m for m in channel_mult]
         for c in {model_channels, *widths}:
             if c % norm_groups:
-                raise ValueError(f"norm_groups {norm_groups} does not divide channel count {c}; "
+                raise UsageError(f"norm_groups {norm_groups} does not divide channel count {c}; "
                                  f"level widths are {widths}")
 
         self.image_size = image_size
@@ -253,7 +249,7 @@ class UNet(nn.Module):
                                        max_period, fourier_scale)
         self.context_dim = context_dim
         if context_dim and not (attn_levels or mid_attention):
-            raise ValueError("context_dim needs attention blocks for cross-attention: set "
+            raise UsageError("context_dim needs attention blocks for cross-attention: set "
                              "attention_resolutions or mid_attention=True")
         self.context_embed = (ContextEmbedding(context_dim, self.emb_dim) if context_dim
                               else None)
@@ -262,7 +258,7 @@ class UNet(nn.Module):
             if num_head_channels is None:
                 return num_heads
             if c % num_head_channels:
-                raise ValueError(f"num_head_channels {num_head_channels} does not divide {c}")
+                raise UsageError(f"num_head_channels {num_head_channels} does not divide {c}")
             return c // num_head_channels
 
         def res(cin: int, cout: int) -> ResBlock:
@@ -341,11 +337,11 @@ def fold_input(x: torch.Tensor, in_channels: int, patch_size: int, factor: int) 
     """Check a U-Net input x (B, in_channels, H, W) (H and W divisible by ``factor =
     patch_size * 2**(levels-1)``) and fold it into patches: (B, in_channels p^2, H/p, W/p)."""
     if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"UNet expects x of shape (B, {in_channels}, H, W); "
+        raise UsageError(f"UNet expects x of shape (B, {in_channels}, H, W); "
                          f"got {tuple(x.shape)}")
     H, W = x.shape[-2:]
     if H % factor or W % factor:
-        raise ValueError(f"input size {H}x{W} is not divisible by {factor} "
+        raise UsageError(f"input size {H}x{W} is not divisible by {factor} "
                          "(= patch_size * 2**(levels-1)); pad the input or use fewer levels")
     return F.pixel_unshuffle(x, patch_size) if patch_size > 1 else x
 
@@ -375,16 +371,16 @@ def add_residuals(hs: list[torch.Tensor], h_mid: torch.Tensor,
     ValueError naming the first residual whose count or shape does not match."""
     if down_residuals is not None:
         if len(down_residuals) != len(hs):
-            raise ValueError(f"down_residuals must hold one tensor per skip feature: "
+            raise UsageError(f"down_residuals must hold one tensor per skip feature: "
                              f"{len(hs)} for this UNet; got {len(down_residuals)}")
         for i, (h, r) in enumerate(zip(hs, down_residuals, strict=True)):
             if r.shape != h.shape:
-                raise ValueError(f"down_residuals[{i}] has shape {tuple(r.shape)}; the skip "
+                raise UsageError(f"down_residuals[{i}] has shape {tuple(r.shape)}; the skip "
                                  f"feature it is added to has shape {tuple(h.shape)}")
         hs = [h + r for h, r in zip(hs, down_residuals, strict=True)]
     if mid_residual is not None:
         if mid_residual.shape != h_mid.shape:
-            raise ValueError(f"mid_residual has shape {tuple(mid_residual.shape)}; the middle "
+            raise UsageError(f"mid_residual has shape {tuple(mid_residual.shape)}; the middle "
                              f"block's output has shape {tuple(h_mid.shape)}")
         h_mid = h_mid + mid_residual
     return hs, h_mid

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ._api import initial_noise, sample
+from ..errors import UsageError, did_you_mean
+from ._api import SAMPLING_DEFAULTS, initial_noise, sample, sample_from
 from .adaptive import sample_rk45
 from .dpm import (
     sample_dpm_solver_2,
@@ -80,14 +81,10 @@ def get_sampler(name: str) -> Callable:
     try:
         return SAMPLERS[name] if name in SAMPLERS else TABLE_SAMPLERS[name]
     except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(name, SAMPLERS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"unknown sampler {name!r}.{hint} Choose one of: {', '.join(sorted(SAMPLERS))}"
-        ) from None
+        raise UsageError(f"unknown sampler {name!r}{did_you_mean(name, SAMPLERS)}; choose one "
+                         f"of: {', '.join(sorted(SAMPLERS))}") from None
 
 
-__all__ = ["SAMPLERS", "STOCHASTIC", "TABLE_SAMPLERS", "get_sampler", "sample",
+__all__ = ["SAMPLERS", "SAMPLING_DEFAULTS", "STOCHASTIC", "TABLE_SAMPLERS", "get_sampler",
+           "sample", "sample_from",
            "initial_noise", "sample_tabulated"] + [f.__name__ for f in SAMPLERS.values()]

@@ -8,8 +8,15 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import sigmas as grids
+from ..errors import UsageError
 from ..process import Process
 from ._common import Generator, noise_like
+
+#: The one place sampling defaults live: :func:`sample`, :func:`sample_from`, a run's
+#: ``sample`` config section and the CLI all start from these (EDM's Heun, 18 steps =
+#: 35 denoiser calls, on Karras et al.'s rho = 7 grid over EDM's noise range).
+SAMPLING_DEFAULTS: dict = {"sampler": "heun", "steps": 18, "grid": "karras",
+                           "sigma_min": 0.002, "sigma_max": 80.0}
 
 
 def initial_noise(shape: Sequence[int], sigma_max: float, generator: Generator, *,
@@ -21,8 +28,9 @@ def initial_noise(shape: Sequence[int], sigma_max: float, generator: Generator, 
                                   generator, "initial_noise")
 
 
-def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m",
-           steps: int = 20, grid: str = "karras", sigma_min: float | None = None,
+def sample(denoiser: Callable, shape: Sequence[int], *,
+           sampler: str = SAMPLING_DEFAULTS["sampler"], steps: int = SAMPLING_DEFAULTS["steps"],
+           grid: str = SAMPLING_DEFAULTS["grid"], sigma_min: float | None = None,
            sigma_max: float | None = None, process: Process | None = None,
            generator: Generator = None, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu", callback: Callable | None = None,
@@ -30,7 +38,7 @@ def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m
            sigmas: torch.Tensor | Sequence[float] | None = None, **cond) -> torch.Tensor:
     """Draw samples of ``shape`` (B, ...) from a σ-space denoiser.
 
-    Defaults: DPM-Solver++(2M) on a Karras grid over [sigma_min, sigma_max] (EDM's 0.002..80
+    Defaults: :data:`SAMPLING_DEFAULTS` (Heun, 18 steps, Karras grid over EDM's 0.002..80
     unless a ``process`` gives its trained range). ``sigmas`` (a decreasing grid ending in 0,
     e.g. from :func:`sfumato.calibrate.optimize_sigmas`) replaces ``grid`` and ``steps``.
     ``generator`` is required (the starting noise is random). Conditioning keywords go to the
@@ -40,12 +48,13 @@ def sample(denoiser: Callable, shape: Sequence[int], *, sampler: str = "dpmpp_2m
 
     fn = get_sampler(sampler)
     if process is None:
-        sigma_min = 0.002 if sigma_min is None else sigma_min
-        sigma_max = 80.0 if sigma_max is None else sigma_max
+        sigma_min = SAMPLING_DEFAULTS["sigma_min"] if sigma_min is None else sigma_min
+        sigma_max = SAMPLING_DEFAULTS["sigma_max"] if sigma_max is None else sigma_max
     if sigmas is not None:
         sig = torch.as_tensor(sigmas, dtype=torch.float64)
-        if sig.ndim != 1 or len(sig) < 2 or sig[-1] != 0 or not (sig.diff() < 0).all():
-            raise ValueError("sigmas must be a decreasing 1-D grid of at least 2 values "
+        if sig.ndim != 1 or len(sig) < 2 or sig[-1] != 0 or not (sig.diff() < 0).all() \
+                or not sig.isfinite().all():
+            raise UsageError("sigmas must be a decreasing 1-D grid of at least 2 values "
                              f"ending in 0; got {sig.tolist()}")
     else:
         sig = grids.get_sigmas(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max,
@@ -71,10 +80,9 @@ def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int
     :func:`sfumato.samplers.sample`); ``cond`` tensors go to the denoiser."""
     if class_labels is not None:
         cond["class_labels"] = class_labels.to(device)
-    return sample(denoiser, shape, sampler=sample_cfg.get("sampler", "heun"),
-                  steps=int(sample_cfg.get("steps", 18)), grid=sample_cfg.get("grid", "karras"),
-                  sigma_min=sample_cfg.get("sigma_min", 0.002),
-                  sigma_max=sample_cfg.get("sigma_max", 80.0),
+    cfg = {**SAMPLING_DEFAULTS, **sample_cfg}
+    return sample(denoiser, shape, sampler=cfg["sampler"], steps=int(cfg["steps"]),
+                  grid=cfg["grid"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"],
                   generator=per_sample_generators(seed, shape[0]), device=device,
-                  callback=callback, sampler_kwargs=sample_cfg.get("kwargs"),
-                  sigmas=sample_cfg.get("sigmas"), **cond)
+                  callback=callback, sampler_kwargs=cfg.get("kwargs"),
+                  sigmas=cfg.get("sigmas"), **cond)

@@ -1,9 +1,11 @@
-"""Shared plumbing for the sampler functions: input checks, dtype policy, noise, callbacks.
+"""Shared plumbing for the sampler functions: input checks, dtype policy, noise, callbacks,
+and the Adams-Bashforth step into sigma = 0.
 
-Dtype policy: the sampler's state and arithmetic run in float32, or float64 when x is
-float64, whatever precision the network runs in; the denoiser receives the state in that
-dtype (a mixed-precision network casts internally), its output is cast back up, and the
-result is returned in x's original dtype. Inputs are never modified in place.
+Dtype policy (:func:`working_dtype`; :mod:`sfumato.likelihood` follows it too): the sampler's
+state and arithmetic run in float32, or float64 when x is float64, whatever precision the
+network runs in; the denoiser receives the state in that dtype (a mixed-precision network
+casts internally), its output is cast back up, and the result is returned in x's original
+dtype. Inputs are never modified in place.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from ..errors import UsageError
 
 Generator = torch.Generator | Sequence[torch.Generator] | None
 Callback = Callable[[dict[str, Any]], None] | None
@@ -27,20 +31,23 @@ def check_sigmas(sigmas: torch.Tensor) -> None:
     if not isinstance(sigmas, torch.Tensor):
         raise TypeError(f"sigmas must be a 1-D torch.Tensor; got {type(sigmas).__name__}")
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(
+        raise UsageError(
             f"sigmas must be 1-D with at least 2 values (n steps need n+1 levels); "
             f"got shape {tuple(sigmas.shape)}"
         )
     if not torch.isfinite(sigmas).all() or (sigmas < 0).any():
-        raise ValueError("sigmas must be finite and >= 0")
+        raise UsageError("sigmas must be finite and >= 0")
     if (sigmas[1:] >= sigmas[:-1]).any():
-        raise ValueError("sigmas must be strictly decreasing (e.g. sfumato.sigmas.karras(...))")
+        raise UsageError("sigmas must be strictly decreasing (e.g. sfumato.sigmas.karras(...))")
 
 
-class Model:
-    """Calls ``denoiser(x, sigma, **cond)`` with sigma broadcast to (B,) and checks the output.
+class BoundDenoiser:
+    """The user's denoiser with its conditioning bound, as a sampler calls it:
+    ``bound(x (B, ...), sigma) -> D(x, sigma)`` (B, ...) in x's dtype.
 
-    Counts calls in ``nfe`` (one per batched denoiser evaluation).
+    Calls ``denoiser(x, sigma, **cond)`` with sigma (a float or 0-d tensor, in data units)
+    broadcast to (B,), checks that the output has x's shape, and counts calls in ``nfe`` (one
+    per batched denoiser evaluation).
     """
 
     def __init__(self, denoiser: Callable, x: torch.Tensor, cond: dict[str, Any]) -> None:
@@ -55,7 +62,7 @@ class Model:
         self.nfe += 1
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(
+            raise UsageError(
                 f"the denoiser must return x0_hat with the input's shape {tuple(x.shape)}; "
                 f"got {got}"
             )
@@ -63,20 +70,21 @@ class Model:
 
 
 def prepare(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, cond: dict[str, Any]
-            ) -> tuple[Model, torch.Tensor, torch.Tensor, torch.dtype]:
-    """Validate inputs; return (model, working copy of x, sigmas in the working dtype, the
-    caller's dtype for :func:`finish`)."""
+            ) -> tuple[BoundDenoiser, torch.Tensor, torch.Tensor, torch.dtype]:
+    """Validate inputs; return (the bound denoiser, working copy of x, sigmas in the working
+    dtype, the caller's dtype for :func:`finish`)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError("x must be a floating-point torch.Tensor of shape (batch, ...)")
     if x.ndim < 2:
-        raise ValueError(
+        raise UsageError(
             f"x must have shape (batch, ...) with at least 2 dims; got {tuple(x.shape)}. "
             "For a single vector use x[None]."
         )
     check_sigmas(sigmas)
     wd = working_dtype(x.dtype)
     xw = x.detach().to(wd).clone()
-    return Model(denoiser, xw, cond), xw, sigmas.detach().to(device=x.device, dtype=wd), x.dtype
+    sw = sigmas.detach().to(device=x.device, dtype=wd)
+    return BoundDenoiser(denoiser, xw, cond), xw, sw, x.dtype
 
 
 def finish(x: torch.Tensor, like_dtype: torch.dtype) -> torch.Tensor:
@@ -84,16 +92,18 @@ def finish(x: torch.Tensor, like_dtype: torch.dtype) -> torch.Tensor:
     return x.to(like_dtype)
 
 
-def noise_like(x: torch.Tensor, generator: Generator, who: str = "this sampler") -> torch.Tensor:
-    """Standard normal noise shaped like x, drawn only from ``generator``.
+def noise_like(x: torch.Tensor, generator: Generator,
+               caller: str = "this sampler") -> torch.Tensor:
+    """Standard normal noise shaped like x, drawn only from ``generator``; ``caller`` names
+    the sampler (and the option that makes it stochastic) in the error for a missing one.
 
     ``generator`` may be a single ``torch.Generator`` or a list with one generator per sample;
     with a list, sample i's noise comes from generator i only, so a sample does not change
     with the batch size or its position in the batch.
     """
     if generator is None:
-        raise ValueError(
-            f"{who} is stochastic and draws only from an explicit generator: pass "
+        raise UsageError(
+            f"{caller} is stochastic and draws only from an explicit generator: pass "
             "generator=torch.Generator(device).manual_seed(seed) (or one per sample)"
         )
     if isinstance(generator, torch.Generator):
@@ -101,7 +111,7 @@ def noise_like(x: torch.Tensor, generator: Generator, who: str = "this sampler")
                            dtype=x.dtype).to(x.device)
     gens = list(generator)
     if len(gens) != x.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"got {len(gens)} generators for a batch of {x.shape[0]}; pass one per sample"
         )
     return torch.stack([
@@ -167,10 +177,11 @@ def final_step(x: torch.Tensor, history: Sequence[tuple[float, torch.Tensor]],
 
         x(0) = x(sigma_m) + sum_j w_j d_j,   w_j = int_{sigma_m}^0 l_j(s) ds.
 
-    With order 1 this is x - sigma_m d_m = D(x, sigma_m), the usual final denoise. The data
-    term dD/dsigma is smooth in sigma near 0 (not in log sigma, where 0 is infinitely far), so
-    polynomial extrapolation in sigma is accurate here: on the benchmark's mixture the exact
-    trajectory's final-step error drops from 3.4e-3 (order 1) to 1-4e-4 (order 3).
+    Only distinct positive sigmas are used, so fewer than ``order`` of them in ``history``
+    give a step of that lower order. With order 1 this is x - sigma_m d_m = D(x, sigma_m), the
+    usual final denoise. The data term dD/dsigma is smooth in sigma near 0 (not in log sigma,
+    where 0 is infinitely far), so polynomial extrapolation in sigma is accurate here; the
+    benchmark page ``docs/samplers.md`` has the measured effect.
     """
     pts: list[tuple[float, torch.Tensor]] = []
     for s_, d_ in reversed(history):  # newest first, distinct sigmas only

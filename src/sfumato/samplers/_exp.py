@@ -65,9 +65,9 @@ def step_order(order: int, available: int, i: int, sigmas: list[float],
     into sigma_min is first order, the one before at most second, ...). The tail of a short
     Karras grid has steps h > 1 in lambda (h = 2.9 for the last positive step of 8 steps from
     80 to 0.002), where extrapolating the denoiser with a high-degree polynomial costs
-    accuracy: on Gaussian mixtures this taper cuts the error of DPM-Solver++(3M) and UniPC-3
-    at 5-12 steps by 1.5-5x and changes nothing from 15 steps on. The step into sigma = 0 is
-    handled by the caller (always first order).
+    accuracy (``docs/samplers.md`` has the measured effect); grids of 15 steps or more are
+    left alone. The step into sigma = 0 is not counted here: the caller takes it
+    (:func:`sfumato.samplers._common.final_step` for the multistep ODE samplers).
     """
     n = len(sigmas) - 1
     p = min(order, available)

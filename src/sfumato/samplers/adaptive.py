@@ -7,7 +7,7 @@ written in u = log(sigma)::
 
 which removes the 1/sigma and makes the solution smooth across the whole sigma range (this is
 the variable of Song et al. 2021b's "black-box ODE solver" results and of
-:func:`sfumato.check.reference_ode`). The step size is chosen by the embedded error estimate,
+:func:`sfumato.accuracy.reference_ode`). The step size is chosen by the embedded error estimate,
 so the user sets a tolerance instead of a number of steps.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .._rk import dopri5, rms_norm
+from ..errors import UsageError
 from ._common import Callback, Generator, finish, prepare, report
 
 
@@ -50,9 +51,9 @@ def sample_rk45(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
     (step counts); the callback's dict carries ``nfe`` so far as well. ``generator`` is unused.
     """
     if not (rtol > 0 and atol >= 0):
-        raise ValueError(f"need rtol > 0 and atol >= 0; got rtol={rtol}, atol={atol}")
+        raise UsageError(f"need rtol > 0 and atol >= 0; got rtol={rtol}, atol={atol}")
     if h_init is not None and not h_init > 0:
-        raise ValueError(f"h_init is a step length in log(sigma) and must be > 0; got {h_init}")
+        raise UsageError(f"h_init is a step length in log(sigma) and must be > 0; got {h_init}")
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
     n_pos = len(s) if s[-1] > 0 else len(s) - 1

@@ -13,9 +13,13 @@ approximates D (data prediction);
 :mod:`sfumato.samplers._exp` has the phi functions. The first-order member of both families
 is x_next = (sigma_next / sigma) x + (1 - sigma_next / sigma) D, i.e. Euler / DDIM exactly.
 
-The step into sigma = 0 (h = inf) is always that first-order step: x_next = D(x, sigma), the
-posterior mean (see :mod:`sfumato.sigmas`). A grid that ends at sigma_min > 0 gets full-order
-steps throughout.
+The step into sigma = 0 (h = inf, see :mod:`sfumato.sigmas`): the single-step solvers
+(DPM-Solver-2/3, DPM-Solver++(2S) and its ancestral form) and the SDE solvers with eta > 0
+take that first-order step, x_next = D(x, sigma), the posterior mean. The multistep ODE
+solvers (DPM-Solver++(2M), (3M), and the SDE forms with eta = 0) take an Adams-Bashforth step
+in sigma over their last ``final_order`` PF-ODE slopes, at most 3 (default 3;
+:func:`sfumato.samplers._common.final_step`; ``final_order=1`` gives x = D). A grid that ends
+at sigma_min > 0 has no step into 0.
 
 All scalar coefficients are computed in float64 from the grid; the state stays in the working
 dtype of :mod:`sfumato.samplers._common`.
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
+from ..errors import UsageError
 from ._common import (
     Callback,
     Generator,
@@ -54,14 +60,14 @@ __all__ = [
 
 def _check_ratio(name: str, r: float) -> None:
     if not 0 < r <= 1:
-        raise ValueError(f"{name} must be in (0, 1] (a fraction of the step in lambda); got {r!r}")
+        raise UsageError(f"{name} must be in (0, 1] (a fraction of the step in lambda); got {r!r}")
 
 
 def _check_noise(eta: float, s_noise: float) -> None:
     if eta < 0 or not math.isfinite(eta):
-        raise ValueError(f"eta must be a finite number >= 0; got {eta!r}")
+        raise UsageError(f"eta must be a finite number >= 0; got {eta!r}")
     if s_noise < 0 or not math.isfinite(s_noise):
-        raise ValueError(f"s_noise must be a finite number >= 0; got {s_noise!r}")
+        raise UsageError(f"s_noise must be a finite number >= 0; got {s_noise!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -129,7 +135,7 @@ def sample_dpm_solver_3(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tenso
     _check_ratio("r1", r1)
     _check_ratio("r2", r2)
     if not r1 < r2:
-        raise ValueError(f"need r1 < r2; got r1={r1!r}, r2={r2!r}")
+        raise UsageError(f"need r1 < r2; got r1={r1!r}, r2={r2!r}")
 
     def step(model, x, denoised, sigma, sigma_next):
         h = log_ratio(sigma, sigma_next)
@@ -196,8 +202,7 @@ def sample_dpmpp_2s_ancestral(denoiser: Callable, x: torch.Tensor, sigmas: torch
     _check_noise(eta, s_noise)
     _check_ratio("r", r)
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(pairwise(sigmas)):
         denoised = model(x, sigma)
         down, up = ancestral_step(sigma, sigma_next, eta)
         down, up = float(down), float(up)
@@ -214,7 +219,7 @@ def sample_dpmpp_2s_ancestral(denoiser: Callable, x: torch.Tensor, sigmas: torch
 def _dpmpp_multistep(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, cond: dict, *,
                      order: int, eta: float, s_noise: float, solver_type: str,
                      lower_order_final: bool, generator: Generator, callback: Callback,
-                     who: str, final_order: int = 1) -> torch.Tensor:
+                     caller: str, final_order: int) -> torch.Tensor:
     """The DPM-Solver++ multistep family, ODE (eta = 0) and SDE (eta > 0), orders 1-3.
 
     In lambda = -log(sigma) the SDE family sharing the PF-ODE's marginals is
@@ -234,8 +239,9 @@ def _dpmpp_multistep(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
     DPM-Solver++(2M), Lu et al. 2022b Alg. 2) or H phi_2(-H) ("heun", the exact integral of
     the linear interpolant). Warm-up with orders 1, 2; ``lower_order_final`` as in
     :func:`sfumato.samplers._exp.step_order`. The step into sigma = 0 (h infinite) is, for the
-    ODE (eta = 0), an Adams-Bashforth step in sigma over the last ``final_order`` slopes
-    (:func:`sfumato.samplers._common.final_step`); with noise (eta > 0) it is x = D.
+    ODE (eta = 0), an Adams-Bashforth step in sigma over the last min(``final_order``, 3)
+    slopes (:func:`sfumato.samplers._common.final_step`); with noise (eta > 0) it is x = D.
+    ``caller`` names the public sampler in the error for a missing generator.
     """
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
@@ -267,7 +273,7 @@ def _dpmpp_multistep(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, 
                     x = x + (hh * phi(2, -hh)) * d1 + (2 * hh * phi(3, -hh)) * d2
             if eta > 0 and s_noise > 0:
                 std = sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise
-                x = x + noise_like(x, generator, who) * std
+                x = x + noise_like(x, generator, caller) * std
             hist = (hist + [denoised])[-(order - 1):] if order > 1 else []
             hs = (hs + [h])[-(order - 1):] if order > 1 else []
         report(callback, i, x, sigmas[i], sigmas[i + 1], denoised)
@@ -286,12 +292,12 @@ def sample_dpmpp_2m(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *
         x_next = (sigma_next / sigma) x - (e^{-h} - 1) D
 
     Order 2, 1 NFE per step. The first step is first order; the step into sigma = 0 is an
-    Adams-Bashforth step in sigma of order ``final_order`` over the stored slopes
+    Adams-Bashforth step in sigma of order ``final_order`` (at most 3) over the stored slopes
     (:func:`sfumato.samplers._common.final_step`; 1 gives x = D). ``generator`` is unused.
     """
     return _dpmpp_multistep(denoiser, x, sigmas, cond, order=2, eta=0.0, s_noise=0.0,
                             solver_type="midpoint", lower_order_final=False, generator=None,
-                            callback=callback, who="dpmpp_2m", final_order=final_order)
+                            callback=callback, caller="dpmpp_2m", final_order=final_order)
 
 
 @torch.no_grad()
@@ -313,20 +319,23 @@ def sample_dpmpp_3m(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *
     phi_3 = phi_2 / h - 1/2): x_next = (sigma_next / sigma) x - phi_1 D_i + phi_2 D1
     - 2 phi_3 D2. Note the factor 2 on the last term: D2 estimates half the second derivative,
     and the exact integral of the quadratic interpolant needs it (without it the D'' term is
-    halved and the measured order drops to 2; see tests/test_exp_integrators.py).
+    halved and the method is only second order; tests/test_samplers_dpm.py pins it).
 
-    Order 3, 1 NFE per step; warm-up with orders 1, 2; the step into sigma = 0 is first order.
-    With ``lower_order_final`` (default), grids of fewer than 15 steps end with orders 2, 1
-    before sigma_min (:func:`sfumato.samplers._exp.step_order`): on a Karras grid the last steps
-    are long in lambda (h > 1), where the quadratic extrapolation of D costs accuracy; this
-    cuts the error at 5-12 steps by 1.5-4x on Gaussian mixtures. ``generator`` is unused.
+    Order 3, 1 NFE per step; warm-up with orders 1, 2. With ``lower_order_final`` (default),
+    grids of fewer than 15 steps end with orders 2, 1 before sigma_min
+    (:func:`sfumato.samplers._exp.step_order`): on a Karras grid the last steps are long in
+    lambda (h > 1), where the quadratic extrapolation of D costs accuracy. The step into
+    sigma = 0 is an Adams-Bashforth step in sigma of order ``final_order`` (at most 3) over the
+    stored slopes (:func:`sfumato.samplers._common.final_step`; 1 gives x = D).
+    ``generator`` is unused.
 
     Asymptotically the first-order warm-up step caps the global order at 2 (its local error is
-    O(h^2)); from sigma_max ~ 20 that term is small and 16-64 steps measure ~3.
+    O(h^2)); the pre-asymptotic order over practical step counts is close to 3 (measured in
+    tests/test_samplers_dpm.py; errors per NFE in ``docs/samplers.md``).
     """
     return _dpmpp_multistep(denoiser, x, sigmas, cond, order=3, eta=0.0, s_noise=0.0,
                             solver_type="heun", lower_order_final=lower_order_final,
-                            generator=None, callback=callback, who="dpmpp_3m",
+                            generator=None, callback=callback, caller="dpmpp_3m",
                             final_order=final_order)
 
 
@@ -345,14 +354,16 @@ def sample_dpmpp_2m_sde(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tenso
     with c = (1 - e^{-h_eta}) / 2 (``solver_type="midpoint"``) or
     c = h_eta phi_2(-h_eta) = 1 - (1 - e^{-h_eta}) / h_eta (``"heun"``). eta = 1 is the paper's
     SDE solver; eta = 0 with "midpoint" is exactly :func:`sample_dpmpp_2m`. 1 NFE per step;
-    the first step and the step into sigma = 0 are first order (the latter lands on D).
+    the first step is first order. The step into sigma = 0 lands on D when eta > 0 (the
+    default); with eta = 0 it is the Adams-Bashforth step of order ``final_order`` (at most 3)
+    of :func:`sample_dpmpp_2m`.
     """
     _check_noise(eta, s_noise)
     if solver_type not in ("midpoint", "heun"):
-        raise ValueError(f"solver_type must be 'midpoint' or 'heun'; got {solver_type!r}")
+        raise UsageError(f"solver_type must be 'midpoint' or 'heun'; got {solver_type!r}")
     return _dpmpp_multistep(denoiser, x, sigmas, cond, order=2, eta=eta, s_noise=s_noise,
                             solver_type=solver_type, lower_order_final=False, generator=generator,
-                            callback=callback, who="dpmpp_2m_sde with eta > 0",
+                            callback=callback, caller="dpmpp_2m_sde with eta > 0",
                             final_order=final_order)
 
 
@@ -370,11 +381,12 @@ def sample_dpmpp_3m_sde(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tenso
 
     H = (1 + eta) h, D1 and D2 as in :func:`sample_dpmpp_3m` (the D2 coefficient is the exact
     integral of the quadratic interpolant, twice k-diffusion's). eta = 0 is exactly
-    :func:`sample_dpmpp_3m` (``lower_order_final`` likewise). 1 NFE per step; warm-up with
-    orders 1, 2; the step into sigma = 0 is first order.
+    :func:`sample_dpmpp_3m` (``lower_order_final`` and ``final_order`` likewise). 1 NFE per
+    step; warm-up with orders 1, 2. The step into sigma = 0 lands on D when eta > 0 (the
+    default); with eta = 0 it is that of :func:`sample_dpmpp_3m`.
     """
     _check_noise(eta, s_noise)
     return _dpmpp_multistep(denoiser, x, sigmas, cond, order=3, eta=eta, s_noise=s_noise,
                             solver_type="heun", lower_order_final=lower_order_final,
                             generator=generator, callback=callback,
-                            who="dpmpp_3m_sde with eta > 0", final_order=final_order)
+                            caller="dpmpp_3m_sde with eta > 0", final_order=final_order)

@@ -10,6 +10,7 @@ or take an ancestral step that adds fresh noise.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
@@ -43,8 +44,7 @@ def sample_ddim(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, et
     2020, Alg. 2 with the posterior variance beta_tilde). Order 1, 1 NFE per step.
     """
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(pairwise(sigmas)):
         denoised = model(x, sigma)
         down, up = ancestral_step(sigma, sigma_next, eta)
         x = denoised + down * to_d(x, sigma, denoised)

@@ -10,16 +10,20 @@ evaluation per step.
 - :func:`sample_plms` combines eps estimates with the fixed, equal-step Adams-Bashforth weights
   of Liu et al.; it is order 4 only on grids uniform in sigma. Prefer LMS on other grids.
 
-The step into sigma = 0 is the first-order step shared by every sampler here: it lands on the
-denoiser output D(x, sigma_min) (see :mod:`sfumato.sigmas`).
+Neither takes the first-order step x = D(x, sigma_min) into sigma = 0 (see
+:mod:`sfumato.sigmas`): both integrate the polynomial through their stored slopes from
+sigma_min to 0, which needs no evaluation at 0 (LMS with its own formula, of its ``order``;
+PLMS with :func:`._common.final_step`, of its ``final_order``, default 3).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
+from ..errors import UsageError
 from ._common import (
     Callback,
     Generator,
@@ -30,9 +34,6 @@ from ._common import (
     report,
     to_d,
 )
-
-#: exact variable-step Adams-Bashforth weights (see :func:`._common.lms_weights`)
-lms_coefficients = lms_weights
 
 
 def _rk4_in_sigma(eps: Callable, x: torch.Tensor, sigma: torch.Tensor,
@@ -61,7 +62,7 @@ def sample_lms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, ord
 
     where l_j is the Lagrange basis polynomial through s_i, s_{i-1}, ..., s_{i-m+1}: the
     variable-step Adams-Bashforth method (Hairer, Norsett & Wanner, "Solving ODEs I",
-    sec. III.5), integrated exactly by :func:`lms_coefficients` (k-diffusion uses numerical
+    sec. III.5), integrated exactly by :func:`._common.lms_weights` (k-diffusion uses numerical
     quadrature). One NFE per step after the warm-up.
 
     Warm-up. ``warmup="ab"`` (k-diffusion's choice) ramps up with Adams-Bashforth orders
@@ -73,17 +74,15 @@ def sample_lms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, ord
     q leaves a global error O(h^q), so asymptotically LMS is order 2 (the single Euler step)
     for any order >= 2.
     On PF-ODEs that first step sits at high sigma, where the solution is nearly linear in
-    sigma, so the O(h^2) term is small: on the 2-D mixture test problem (sigma 20 -> 0.05,
-    log-linear or Karras grids) order 4 measures 3.2-3.7 between 32 and 64 steps and falls
-    towards 2 only past ~256 steps (tests/test_lms_sde_adaptive.py). The step into sigma = 0
-    is the same Adams-Bashforth formula integrated to 0 (no evaluation at 0 is needed), which
-    keeps the final step high order too (see :func:`._common.final_step`). ``generator`` is
-    unused.
+    sigma, so the O(h^2) term is small and the measured order stays well above 2 until many
+    hundreds of steps (tests/test_samplers_multistep.py measures it). The step into sigma = 0 is
+    the same formula with s_{i+1} = 0, of order m (no evaluation at 0 is needed; the
+    Adams-Bashforth step of :func:`._common.final_step`). ``generator`` is unused.
     """
     if int(order) != order or order < 1:
-        raise ValueError(f"order must be a positive integer; got {order!r}")
+        raise UsageError(f"order must be a positive integer; got {order!r}")
     if warmup not in ("ab", "rk4"):
-        raise ValueError(f"warmup must be 'ab' or 'rk4'; got {warmup!r}")
+        raise UsageError(f"warmup must be 'ab' or 'rk4'; got {warmup!r}")
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     s = sigmas.double().cpu().tolist()
     eps = _eps_fn(model)
@@ -98,7 +97,7 @@ def sample_lms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, ord
             ds.append(d)
             ds = ds[-order:]
             m = len(ds)
-            coeffs = lms_coefficients([s[i - j] for j in range(m)], s[i], s[i + 1])
+            coeffs = lms_weights([s[i - j] for j in range(m)], s[i], s[i + 1])
             x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
         report(callback, i, x, sigma, sigma_next, denoised)
     return finish(x, dtype)
@@ -152,14 +151,15 @@ def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
     with the ``prk`` warm-up is exactly classical RK4 in sigma followed by AB4, order 4. On any
     other grid (Karras, log-linear, uniform in a VP time t) e' averages eps over equal steps of
     the grid's own parameter rather than over sigma; the weights still sum to 1, so it stays
-    consistent, but the order drops to 2 on smooth grids (measured on Karras and log-linear
-    grids). Use :func:`sample_lms` there: it integrates the same polynomial with the grid's
-    actual spacing. The step into sigma = 0 integrates the stored slopes' polynomial in sigma
-    (:func:`._common.final_step`, up to ``final_order``; 1 gives x = D(x, sigma_min)).
+    consistent, but the order drops to 2 on smooth grids (tests/test_samplers_multistep.py
+    checks this on a log-linear grid). Use :func:`sample_lms` there: it integrates the same
+    polynomial with the grid's actual spacing. The step into sigma = 0 integrates the stored
+    slopes' polynomial in sigma (:func:`._common.final_step`, of order ``final_order``, at
+    most 4, the slopes PLMS keeps; 1 gives x = D(x, sigma_min)).
     ``generator`` is unused.
     """
     if warmup not in ("prk", "pie"):
-        raise ValueError(f"warmup must be 'prk' or 'pie'; got {warmup!r}")
+        raise UsageError(f"warmup must be 'prk' or 'pie'; got {warmup!r}")
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
     eps = _eps_fn(model)
 
@@ -169,8 +169,7 @@ def sample_plms(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *,
 
     old: list[torch.Tensor] = []  # eps at the grid points, most recent last
     s_hist: list[float] = []  # their sigmas
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(pairwise(sigmas)):
         e1, denoised = eps(x, sigma)
         if sigma_next == 0:  # Adams-Bashforth in sigma over the stored slopes, into 0
             hist = list(zip(s_hist, old, strict=True)) + [(float(sigma), e1)]

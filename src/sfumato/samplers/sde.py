@@ -13,9 +13,11 @@ with the score read off the denoiser (Tweedie): grad log p_sigma(x) = (D(x, sigm
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 
+from ..errors import UsageError
 from ._common import Callback, Generator, finish, noise_like, prepare, report, to_d
 
 
@@ -31,15 +33,16 @@ def _norm(t: torch.Tensor) -> torch.Tensor:
 
 def _predict(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor,
              denoised: torch.Tensor, predictor: str, s_noise: float, denoise_final: bool,
-             generator: Generator, who: str) -> torch.Tensor:
-    """One predictor step sigma -> sigma_next from a known D(x, sigma)."""
+             generator: Generator, caller: str) -> torch.Tensor:
+    """One predictor step sigma -> sigma_next from a known D(x, sigma); ``caller`` names the
+    sampler in the error for a missing generator."""
     if predictor == "ode":
         return x + (sigma_next - sigma) * to_d(x, sigma, denoised)
     var = sigma**2 - sigma_next**2
     x = x + var * _score(x, sigma, denoised)  # = D when sigma_next = 0
     if sigma_next == 0 and denoise_final:
         return x
-    return x + noise_like(x, generator, who) * (s_noise * var.sqrt())
+    return x + noise_like(x, generator, caller) * (s_noise * var.sqrt())
 
 
 @torch.no_grad()
@@ -57,13 +60,13 @@ def sample_euler_maruyama(denoiser: Callable, x: torch.Tensor, sigmas: torch.Ten
 
     Final denoise: the step into sigma = 0 gives x + s_i^2 score = D(x, s_i) plus noise of std
     s_i. With ``denoise_final=True`` (default, Song et al.'s ``denoise=True``) that noise is
-    left out and the step returns the posterior mean D(x, sigma_min), as every other sampler's
-    step into 0 does; with False the sample keeps noise of level sigma_min. A grid ending at a
+    left out and the step returns the posterior mean D(x, sigma_min), the first-order step into
+    0 of the one-step samplers (see :mod:`sfumato.sigmas`); with False the sample keeps noise of
+    level sigma_min. A grid ending at a
     positive sigma has no final denoise.
     """
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for i, (sigma, sigma_next) in enumerate(pairwise(sigmas)):
         denoised = model(x, sigma)
         x = _predict(x, sigma, sigma_next, denoised, "euler_maruyama", s_noise, denoise_final,
                      generator, "Euler-Maruyama")
@@ -104,23 +107,22 @@ def sample_pc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, snr:
     depends on x changes the corrector's stationary law (for small steps) to
     p_sigma(x) / eps(x) ~ p_sigma ||g||^2, which pushes samples away from the modes; in low
     dimension, where ||z|| / ||g|| does not concentrate, it visibly inflates the sampled
-    covariance (2-D mixture, 200 steps: sliced W2 2.5-25x the sampling floor).
+    covariance.
     """
     if predictor not in ("euler_maruyama", "ode"):
-        raise ValueError(f"predictor must be 'euler_maruyama' or 'ode'; got {predictor!r}")
+        raise UsageError(f"predictor must be 'euler_maruyama' or 'ode'; got {predictor!r}")
     if step_size not in ("sigma", "batch"):
-        raise ValueError(f"step_size must be 'sigma' or 'batch'; got {step_size!r}")
+        raise UsageError(f"step_size must be 'sigma' or 'batch'; got {step_size!r}")
     if int(n_corrector) != n_corrector or n_corrector < 0:
-        raise ValueError(f"n_corrector must be a nonnegative integer; got {n_corrector!r}")
+        raise UsageError(f"n_corrector must be a nonnegative integer; got {n_corrector!r}")
     if not snr > 0:
-        raise ValueError(f"snr must be positive; got {snr!r}")
+        raise UsageError(f"snr must be positive; got {snr!r}")
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
-    who = "the predictor-corrector sampler"
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    caller = "the predictor-corrector sampler"
+    for i, (sigma, sigma_next) in enumerate(pairwise(sigmas)):
         for _ in range(n_corrector):
             g = _score(x, sigma, model(x, sigma))
-            z = noise_like(x, generator, who)
+            z = noise_like(x, generator, caller)
             if step_size == "sigma":
                 eps = 2 * (snr * sigma) ** 2
             else:
@@ -129,6 +131,6 @@ def sample_pc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, snr:
             x = x + eps * g + (2 * eps).sqrt() * z
         denoised = model(x, sigma)
         x = _predict(x, sigma, sigma_next, denoised, predictor, s_noise, denoise_final,
-                     generator, who)
+                     generator, caller)
         report(callback, i, x, sigma, sigma_next, denoised)
     return finish(x, dtype)

@@ -22,22 +22,29 @@ implementation does; with exact solves B would cancel and bh1 = bh2).
 - UniC-p (corrector) adds the new value D(x_pred, sigma_next) at r = 1 and re-takes the step
   from the same x: order p + 1, and no extra NFE, because that evaluation is the next step's m_0.
 
-The step into sigma = 0 (h = inf) is the first-order x = D; no corrector follows the last step.
+:func:`unipc_table` writes these updates out as the coefficients of the table form of
+:mod:`sfumato.samplers._table` (one predictor and one corrector row per step), and
+:func:`sample_unipc` runs that table. The step into sigma = 0 (h = inf) is an Adams-Bashforth
+step in sigma over the PF-ODE slopes at the last ``final_order`` evaluations (default 3;
+:func:`sfumato.samplers._common.final_step`; ``final_order=1`` gives the first-order x = D);
+no corrector follows the last step.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
-from ._common import Callback, Generator, final_step, finish, prepare, report
+from ..errors import UsageError
+from ._common import Callback, Generator, finish, lms_weights, prepare
 from ._exp import log_ratio, phi, step_order
+from ._table import StepTable, run_reporting
 
-__all__ = ["sample_unipc", "sample_unipc_bh1", "sample_unipc_bh2", "unipc_coefficients"]
-
+__all__ = ["sample_unipc", "sample_unipc_bh1", "sample_unipc_bh2", "unipc_coefficients",
+           "unipc_table"]
 
 
 def unipc_coefficients(h: float, rks: list[float], variant: str) -> tuple[float, list[float]]:
@@ -59,6 +66,53 @@ def unipc_coefficients(h: float, rks: list[float], variant: str) -> tuple[float,
     return B, torch.linalg.solve(R, b).tolist()
 
 
+def _check_options(order: int, variant: str) -> None:
+    if order not in (1, 2, 3, 4, 5):
+        raise UsageError(f"order must be 1, 2, 3, 4 or 5; got {order!r}")
+    if variant not in ("bh1", "bh2"):
+        raise UsageError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
+
+
+def unipc_table(sigmas: torch.Tensor | Sequence[float], *, order: int = 3,
+                variant: str = "bh2", use_corrector: bool = True,
+                lower_order_final: bool = True, final_order: int = 3) -> StepTable:
+    """UniPC's coefficients on ``sigmas`` (n + 1 decreasing levels), with the options of
+    :func:`sample_unipc`, as a :class:`~sfumato.samplers._table.StepTable`.
+
+    Row i holds, for the step sigmas[i] -> sigmas[i + 1] > 0, the coefficient of
+    (m_{i-k} - m_i), which is -B(h) a_k / r_k with (B, a) from :func:`unipc_coefficients`
+    (UniP-p, p from :func:`sfumato.samplers._exp.step_order`; UniC-p adds r = 1, the new
+    value, last). The last step of a grid that ends above 0 has no corrector (it would need an
+    evaluation nothing uses); without ``use_corrector`` the corrector row repeats the
+    predictor's with 0 on the new value. Into 0: the Adams-Bashforth weights in sigma over the
+    last ``final_order`` slopes (:func:`sfumato.samplers._common.lms_weights`).
+    """
+    _check_options(order, variant)
+    s = [float(v) for v in torch.as_tensor(sigmas, dtype=torch.float64).tolist()]
+    n = len(s) - 1
+    lam = [-math.log(v) if v > 0 else math.inf for v in s]
+    pred, corr, have = [], [], 1
+    for i in range(n):
+        if s[i + 1] == 0:
+            break
+        p = step_order(order, have, i, s, lower_order_final)
+        h = log_ratio(s[i], s[i + 1])
+        rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+        B, a = unipc_coefficients(h, rks, variant)
+        pred.append([-B * ak / r for ak, r in zip(a, rks, strict=True)])
+        if use_corrector and i < n - 1:
+            B, a = unipc_coefficients(h, rks + [1.0], variant)
+            corr.append([-B * ak / r for ak, r in zip(a, rks + [1.0], strict=True)])
+        else:  # x = x_pred: the predictor's row and nothing on the new value
+            corr.append([] if i == n - 1 else pred[-1] + [0.0])
+        have = min(have + 1, order)
+    final = []
+    if s[-1] == 0:
+        nodes = s[max(0, n - max(final_order, 1)):n][::-1]  # newest first
+        final = lms_weights(nodes, s[n - 1], 0.0)
+    return StepTable(s, pred, corr, final)
+
+
 @torch.no_grad()
 def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, order: int = 3,
                  variant: str = "bh2", use_corrector: bool = True,
@@ -67,7 +121,8 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, o
                  **cond) -> torch.Tensor:
     """UniPC multistep sampler (Zhao et al. 2023, Alg. 1-3): UniP-``order`` predictor, then the
     UniC corrector of the same order (one order higher) using the evaluation the next step
-    needs anyway. 1 NFE per step.
+    needs anyway. 1 NFE per step. Runs the coefficients of :func:`unipc_table` on the grid
+    (:func:`sfumato.samplers._table.run_table`).
 
     Args:
         order: 1 to 5 (predictor order; with the corrector the method is one order
@@ -79,61 +134,19 @@ def sample_unipc(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor, *, o
         use_corrector: apply UniC after every step but the last.
         lower_order_final: on grids of fewer than 15 steps, the k-th last step to a positive
             sigma uses order at most k (see :func:`sfumato.samplers._exp.step_order`).
+        final_order: order of the step into sigma = 0 (where log-sigma steps are infinite): an
+            Adams-Bashforth step in sigma over the PF-ODE slopes (x - D) / sigma at the last
+            ``final_order`` evaluations (:func:`sfumato.samplers._common.final_step`; 1 gives
+            x = D(x, sigma)).
 
-    The step into sigma = 0 (where log-sigma steps are infinite) is an Adams-Bashforth step in
-    sigma over the slopes (x - D) / sigma at the last ``final_order`` evaluations
-    (:func:`sfumato.samplers._common.final_step`; ``final_order=1`` gives x = D(x, sigma)).
-    ``generator`` is unused.
-
-    Measured on Gaussian mixtures (Karras grid 80 -> 0.002): bh2 is more accurate than bh1
-    below ~15 steps; order 2 beats order 3 by up to 2x at 8-12 steps, order 3 wins from ~15-20
-    steps on (up to 4x at 30). ``lower_order_final`` cuts the error at 5-12 steps by 1.5-5x.
-    Order 4 (UniC: 5) pays from ~20 steps on: on the benchmark mixtures it cuts the error at
-    NFE 50 by 1.5-2.5x against order 3 (measured order: predictor alone 3.8-4.0).
+    ``generator`` is unused. Which order and variant to pick at which step count, as measured
+    by the benchmark: ``docs/samplers.md``.
     """
-    if order not in (1, 2, 3, 4, 5):
-        raise ValueError(f"order must be 1, 2, 3, 4 or 5; got {order!r}")
-    if variant not in ("bh1", "bh2"):
-        raise ValueError(f"variant must be 'bh1' or 'bh2'; got {variant!r}")
+    _check_options(order, variant)
     model, x, sigmas, dtype = prepare(denoiser, x, sigmas, cond)
-    s = sigmas.double().cpu().tolist()
-    n = len(s) - 1
-    lam = [-math.log(v) if v > 0 else math.inf for v in s]
-    ms = [model(x, sigmas[0])]  # denoised at lam[i - len(ms) + 1 .. i], most recent last
-    slopes = [(s[0], (x - ms[0]) / s[0])]  # PF-ODE slopes at the evaluation points
-    for i in range(n):
-        sigma, sigma_next = s[i], s[i + 1]
-        m0 = ms[-1]
-        if sigma_next == 0:  # no corrector after the last step
-            x = final_step(x, slopes, order=final_order)
-            report(callback, i, x, sigmas[i], sigmas[i + 1], m0)
-            break
-        p = step_order(order, len(ms), i, s, lower_order_final)
-        h = log_ratio(sigma, sigma_next)
-        rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
-        dks = [(ms[-1 - k] - m0) / r for k, r in zip(range(1, p), rks, strict=True)]
-        base = (sigma_next / sigma) * x - math.expm1(-h) * m0
-
-        B, a = unipc_coefficients(h, rks, variant)  # UniP-p
-        x_pred = base
-        for ak, dk in zip(a, dks, strict=True):
-            x_pred = x_pred - (B * ak) * dk
-        if i == n - 1:
-            x = x_pred
-            report(callback, i, x, sigmas[i], sigmas[i + 1], m0)
-            break
-        m_next = model(x_pred, sigmas[i + 1])
-        slopes = (slopes + [(sigma_next, (x_pred - m_next) / sigma_next)])[-max(final_order, 1):]
-        if use_corrector:  # UniC-p: the new value at r = 1
-            B, a = unipc_coefficients(h, rks + [1.0], variant)
-            x = base
-            for ak, dk in zip(a, dks + [m_next - m0], strict=True):
-                x = x - (B * ak) * dk
-        else:
-            x = x_pred
-        ms = (ms + [m_next])[-order:]
-        report(callback, i, x, sigmas[i], sigmas[i + 1], m0)
-    return finish(x, dtype)
+    table = unipc_table(sigmas, order=order, variant=variant, use_corrector=use_corrector,
+                        lower_order_final=lower_order_final, final_order=final_order)
+    return finish(run_reporting(model, x, sigmas, table, callback), dtype)
 
 
 def _with_variant(variant: str, b_of_h: str) -> Callable:

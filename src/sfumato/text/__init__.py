@@ -11,42 +11,19 @@
 
 The networks take the states as ``context``/``context_mask`` (UNet and DiT built with
 ``context_dim``; see :mod:`sfumato.nets.context`).
+
+What is digit-specific. Everything in :mod:`~sfumato.text.captions` describes handwritten
+digits: the labels are the classes 0-9 read as numerals or number words (``NUMBER_WORDS``,
+which :func:`parse_prompt` recognises), the templates and plain class prompts name "the digit"
+/ "handwritten" / "number", and the attribute words (thin/thick, left/right slant, small/large)
+come from stroke measurements (:func:`digit_attributes`) that assume one light-on-dark
+grayscale glyph per image (ink = high values). :class:`~sfumato.text.conditioner.TextConditioner`
+captions its training images with these. The encoders (:mod:`~sfumato.text.encoders`,
+:class:`EmbeddingCache`) and the conditioning plumbing are generic: they take any captions.
 """
 
-from .captions import (
-    ATTRIBUTES,
-    NUMBER_WORDS,
-    TEMPLATES,
-    attribute_thresholds,
-    caption,
-    describe,
-    digit_attributes,
-    make_captions,
-    parse_prompt,
-)
-from .encoders import (
-    TEXT_ENCODERS,
-    EmbeddingCache,
-    MiniLMEncoder,
-    TinyTextEncoder,
-    get_text_encoder,
-    minilm_path,
-)
+from . import captions, encoders
+from .captions import *  # noqa: F403 - the public names of both modules, listed there
+from .encoders import *  # noqa: F403
 
-__all__ = [
-    "ATTRIBUTES",
-    "NUMBER_WORDS",
-    "TEMPLATES",
-    "TEXT_ENCODERS",
-    "EmbeddingCache",
-    "MiniLMEncoder",
-    "TinyTextEncoder",
-    "attribute_thresholds",
-    "caption",
-    "describe",
-    "digit_attributes",
-    "get_text_encoder",
-    "make_captions",
-    "minilm_path",
-    "parse_prompt",
-]
+__all__ = [*captions.__all__, *encoders.__all__]

@@ -41,12 +41,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ..errors import UsageError
+
 __all__ = [
     "ATTRIBUTES",
     "NUMBER_WORDS",
     "TEMPLATES",
     "attribute_thresholds",
     "caption",
+    "class_prompts",
+    "default_prompts",
     "describe",
     "digit_attributes",
     "make_captions",
@@ -97,6 +101,21 @@ TEMPLATES: tuple[str, ...] = (
     "a picture of {a_pre_label}{post}",
     "{a_pre_label}, handwritten{post}",
 )
+#: The plain prompt for class k (what a text run samples when no prompt is given, and the
+#: prompt of its training sample grid).
+CLASS_PROMPT = "the digit {}"
+
+
+def class_prompts(labels: torch.Tensor | Sequence[int]) -> list[str]:
+    """The plain prompt of each class label: ``class_prompts([7]) == ["the digit 7"]``."""
+    return [CLASS_PROMPT.format(int(k)) for k in labels]
+
+
+def default_prompts(n: int, num_classes: int = len(NUMBER_WORDS)) -> list[str]:
+    """n plain prompts naming the classes in turn (0, 1, ..., num_classes - 1, 0, ...)."""
+    return class_prompts([i % num_classes for i in range(n)])
+
+
 _N_DRAWS = 16  # uniforms drawn per caption (fixed, so captions do not shift each other)
 
 
@@ -113,10 +132,10 @@ def digit_attributes(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     if images.ndim == 4:
         if images.shape[1] != 1:
-            raise ValueError(f"digit_attributes expects one channel, got {tuple(images.shape)}")
+            raise UsageError(f"digit_attributes expects one channel, got {tuple(images.shape)}")
         images = images[:, 0]
     if images.ndim != 3:
-        raise ValueError(f"expected images of shape (B, 1, H, W); got {tuple(images.shape)}")
+        raise UsageError(f"expected images of shape (B, 1, H, W); got {tuple(images.shape)}")
     w = ((images.to(torch.float32) + 1) / 2).clamp(0, 1)
     B, H, W = w.shape
     mass = w.sum(dim=(1, 2))
@@ -193,7 +212,7 @@ def describe(attrs: Mapping[str, torch.Tensor], thresholds: Mapping[str, torch.T
         t = thresholds[name].detach().cpu().to(torch.float32)
         if t.ndim == 2:
             if labels is None:
-                raise ValueError("per-class thresholds need labels")
+                raise UsageError("per-class thresholds need labels")
             t = t[torch.as_tensor(labels).long().cpu()]
         else:
             t = t.expand(n, 2)

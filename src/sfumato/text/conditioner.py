@@ -28,9 +28,7 @@ from typing import Any
 import torch
 
 from .captions import attribute_thresholds, digit_attributes, make_captions
-from .encoders import EmbeddingCache, MiniLMEncoder, TinyTextEncoder
-
-ENCODERS = ("minilm", "tiny")
+from .encoders import EmbeddingCache, MiniLMEncoder, TinyTextEncoder, text_encoder_class
 
 
 class TextConditioner:
@@ -42,8 +40,7 @@ class TextConditioner:
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:
-        if cfg.get("encoder") not in ENCODERS:
-            raise ValueError(f"text.encoder must be one of {ENCODERS}; got {cfg.get('encoder')!r}")
+        text_encoder_class(cfg.get("encoder"))  # the run's text.encoder must be registered
         self.cfg = dict(cfg)
         self.kind = cfg["encoder"]
         self.max_length = int(cfg["max_length"])

@@ -22,16 +22,17 @@ each distinct caption once and can save the table to a safetensors file.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..errors import UsageError, did_you_mean
+from ..files import atomic_write
 
 __all__ = [
     "TEXT_ENCODERS",
@@ -40,6 +41,7 @@ __all__ = [
     "TinyTextEncoder",
     "get_text_encoder",
     "minilm_path",
+    "text_encoder_class",
 ]
 
 _INSTALL = 'pip install -c constraints.txt -e ".[text]"'
@@ -84,7 +86,7 @@ class MiniLMEncoder:
         except ImportError as e:
             raise ImportError(f"the MiniLM text encoder needs transformers: {_INSTALL}") from e
         if max_length < 2:
-            raise ValueError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
+            raise UsageError(f"max_length must be >= 2 ([CLS] and [SEP]), got {max_length}")
         self.max_length = max_length
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -134,7 +136,7 @@ class TinyTextEncoder(nn.Module):
                  mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} not divisible by num_heads {num_heads}")
+            raise UsageError(f"dim {dim} not divisible by num_heads {num_heads}")
         self.dim = dim
         self.max_length = max_length
         self.embed = nn.Embedding(self.VOCAB, dim, padding_idx=self.PAD)
@@ -166,7 +168,7 @@ class TinyTextEncoder(nn.Module):
         """ids (N, L) long (L <= max_length), mask (N, L) bool (default ``ids != 0``) ->
         states (N, L, dim), mask."""
         if ids.ndim != 2 or ids.shape[1] > self.max_length:
-            raise ValueError(f"ids must have shape (N, L <= {self.max_length}); "
+            raise UsageError(f"ids must have shape (N, L <= {self.max_length}); "
                              f"got {tuple(ids.shape)}")
         mask = ids != self.PAD if mask is None else mask.bool()
         h = self.embed(ids) + self.pos[:, : ids.shape[1]]
@@ -179,18 +181,25 @@ class TinyTextEncoder(nn.Module):
         return self(*self.tokenize(captions, self.max_length, device))
 
 
-TEXT_ENCODERS = {"minilm": MiniLMEncoder, "tiny": TinyTextEncoder}
+#: the text encoders by name: the one registry (``get_text_encoder`` and a run's
+#: ``text.encoder`` config key take these names)
+TEXT_ENCODERS: dict[str, type[MiniLMEncoder] | type[TinyTextEncoder]] = {
+    "minilm": MiniLMEncoder, "tiny": TinyTextEncoder}
+
+
+def text_encoder_class(name: str) -> type[MiniLMEncoder] | type[TinyTextEncoder]:
+    """The encoder class registered as ``name`` in :data:`TEXT_ENCODERS`; ValueError naming
+    the closest known name for anything else."""
+    if name not in TEXT_ENCODERS:
+        raise UsageError(f"unknown text encoder {name!r}{did_you_mean(name, TEXT_ENCODERS)}; "
+                         f"choose one of {sorted(TEXT_ENCODERS)}")
+    return TEXT_ENCODERS[name]
 
 
 def get_text_encoder(name: str, **kwargs) -> MiniLMEncoder | TinyTextEncoder:
     """``"minilm"`` (frozen, optional dependency) or ``"tiny"`` (trainable), built with
     ``kwargs``; ValueError naming the closest known name for anything else."""
-    if name not in TEXT_ENCODERS:
-        close = difflib.get_close_matches(str(name), list(TEXT_ENCODERS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown text encoder {name!r}{hint}; choose one of "
-                         f"{sorted(TEXT_ENCODERS)}")
-    return TEXT_ENCODERS[name](**kwargs)
+    return text_encoder_class(name)(**kwargs)
 
 
 class EmbeddingCache:
@@ -247,21 +256,13 @@ class EmbeddingCache:
         return {"encoder": str(e.name), "dim": str(e.dim), "max_length": str(e.max_length)}
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the table to ``path`` (safetensors), atomically (temp file + os.replace)."""
+        """Write the table to ``path`` (safetensors), atomically (:mod:`sfumato.files`)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {**self._meta(), "captions": json.dumps(list(self.index))}
         tensors = {"states": self.states.cpu().contiguous(), "mask": self.mask.cpu()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     def load(self, path: str | os.PathLike) -> EmbeddingCache:
         """Merge a file written by :meth:`save` (captions already present are kept as they
@@ -273,7 +274,7 @@ class EmbeddingCache:
             mine = self._meta()
             theirs = {k: meta.get(k) for k in mine}
             if theirs != mine:
-                raise ValueError(f"embedding cache {path} was made with {theirs}, "
+                raise UsageError(f"embedding cache {path} was made with {theirs}, "
                                  f"not {mine}")
             captions = json.loads(meta["captions"])
             states, mask = f.get_tensor("states"), f.get_tensor("mask")

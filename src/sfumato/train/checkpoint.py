@@ -27,11 +27,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import CheckpointError
+from ..files import write_json_atomic
+
 LATEST, TMP, OLD, HISTORY = "checkpoint", "checkpoint.tmp", "checkpoint.old", "checkpoints"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
 
 
 def _fsync_file(path: Path) -> None:
@@ -39,16 +38,19 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to ``path`` through a temp file + os.replace (creating its folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def checkpoint_name(step: int) -> str:
+    """The folder name of the archived checkpoint of ``step``: ``step-NNNNNNNN``."""
+    return f"step-{int(step):08d}"
+
+
+def archived_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """The kept checkpoints ``DIR/checkpoints/step-*`` of a run, oldest first."""
+    return sorted((Path(run_dir) / HISTORY).glob("step-*"))
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a complete checkpoint folder (not a run directory)."""
+    return (Path(path) / "state.json").is_file()
 
 
 def _tensors_for_disk(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -111,7 +113,7 @@ def save_checkpoint(run_dir: str | os.PathLike, *, tensors: dict[str, dict[str, 
 def _archive(run: Path, latest: Path, step: int, keep_last: int) -> None:
     hist = run / HISTORY
     hist.mkdir(exist_ok=True)
-    dst = hist / f"step-{step:08d}"
+    dst = hist / checkpoint_name(step)
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir()
@@ -120,7 +122,7 @@ def _archive(run: Path, latest: Path, step: int, keep_last: int) -> None:
             os.link(f, dst / f.name)
         except OSError:
             shutil.copy2(f, dst / f.name)
-    for d in sorted(hist.glob("step-*"))[:-keep_last]:
+    for d in archived_checkpoints(run)[:-keep_last]:
         shutil.rmtree(d)
 
 
@@ -128,7 +130,7 @@ def find_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The latest complete checkpoint dir of a run, or None if the run has none yet."""
     run = Path(run_dir)
     for name in (LATEST, OLD):
-        if (run / name / "state.json").is_file():
+        if is_checkpoint(run / name):
             return run / name
     return None
 
@@ -139,7 +141,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, stems: tuple[str, ...] = ("mode
     ck = Path(ckpt_dir)
     if not ck.is_dir():
         raise CheckpointError(f"{ck} does not exist")
-    if not (ck / "state.json").is_file():  # a run dir was given
+    if not is_checkpoint(ck):  # a run dir was given
         found = find_checkpoint(ck)
         if found is None:
             raise CheckpointError(f"{ck} has no complete checkpoint yet")

@@ -4,29 +4,23 @@ errors for typos."""
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError, did_you_mean
+from ..samplers._api import SAMPLING_DEFAULTS
+from .objective import OBJECTIVE_DEFAULTS
+
 DEFAULTS: dict[str, Any] = {
     "data": {"name": "digits"},
     "model": {"type": "unet"},
     "objective": {
-        "target": "edm",            # eps | x0 | v | flow | edm
+        "target": "edm",            # eps | x0 | v | flow | edm | classifier
         "process": None,            # e.g. {"name": "vp_discrete", "schedule": "linear"}
         "t_scale": 1.0,             # c_noise = t(sigma) * t_scale for non-EDM targets
-        "sigma_data": 0.5,
-        "sigma_sampling": "lognormal",  # process | lognormal | logit_normal
-        "weighting": "edm",             # uniform | edm | min_snr
-        "P_mean": -1.2,
-        "P_std": 1.2,
-        "logit_mean": 0.0,
-        "logit_std": 1.0,
-        "gamma": 5.0,
-        "sigma_min": None,
-        "sigma_max": None,
+        **OBJECTIVE_DEFAULTS,       # sigma sampling and loss weighting (sfumato.train.objective)
         "label_dropout": 0.0,       # probability of replacing a label by the null class
     },
     "train": {
@@ -58,26 +52,14 @@ DEFAULTS: dict[str, Any] = {
         "keep": 0.7,                # probability of keeping each attribute word
     },
     "sample": {
-        "sampler": "heun",
-        "steps": 18,
-        "grid": "karras",
-        "sigma_min": 0.002,
-        "sigma_max": 80.0,
+        **SAMPLING_DEFAULTS,        # sampler, steps, grid, sigma range (sfumato.samplers)
         "n_grid": 64,
         "guidance": 1.0,            # default guidance scale of 'sfumato sample' / Model.sample
     },
+    "refs": {},                     # runs this one is built from (written by the trainer)
 }
 
-FREE_SECTIONS = ("data", "model")  # keys checked by the data / network builders
-
-
-class ConfigError(ValueError):
-    """A configuration is invalid (unknown key, wrong type)."""
-
-
-def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+FREE_SECTIONS = ("data", "model", "refs")  # checked by the data / network builders, sfumato.run
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -91,7 +73,7 @@ def merge(base: dict, override: dict) -> dict:
     out = copy.deepcopy(base)
     for sec, val in override.items():
         if sec not in base:
-            raise ConfigError(f"unknown config section {sec!r}{_suggest(sec, base)}; "
+            raise ConfigError(f"unknown config section {sec!r}{did_you_mean(sec, base)}; "
                               f"sections are {sorted(base)}")
         if not isinstance(val, dict):
             raise ConfigError(f"config section {sec!r} must be an object; got {val!r}")
@@ -100,7 +82,7 @@ def merge(base: dict, override: dict) -> dict:
             continue
         for k, v in val.items():
             if k not in base[sec]:
-                raise ConfigError(f"unknown config key '{sec}.{k}'{_suggest(k, base[sec])}; "
+                raise ConfigError(f"unknown config key '{sec}.{k}'{did_you_mean(k, base[sec])}; "
                                   f"valid keys in {sec!r}: {sorted(base[sec])}")
             out[sec][k] = copy.deepcopy(v)
     return out

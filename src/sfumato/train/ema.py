@@ -16,11 +16,13 @@ import copy
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def gamma_from_sigma_rel(sigma_rel: float) -> float:
     """Invert EDM2's sigma_rel(gamma) (Karras et al. 2024, eq. 5) by bisection."""
     if not 0 < sigma_rel < 0.5:
-        raise ValueError(f"sigma_rel must be in (0, 0.5); got {sigma_rel}")
+        raise ConfigError(f"sigma_rel must be in (0, 0.5); got {sigma_rel}")
 
     def rel(g: float) -> float:
         return ((g + 1) / ((g + 2) ** 2 * (g + 3))) ** 0.5
@@ -39,7 +41,7 @@ class EMA(nn.Module):
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
         super().__init__()
         if not 0 <= decay < 1:
-            raise ValueError(f"EMA decay must be in [0, 1); got {decay}")
+            raise ConfigError(f"EMA decay must be in [0, 1); got {decay}")
         self.module = copy.deepcopy(model).float().eval().requires_grad_(False)
         self.decay, self.warmup = decay, warmup
 
@@ -64,7 +66,7 @@ class PowerEMA(EMA):
                  sigma_rel: float | None = None) -> None:
         super().__init__(model, decay=0.0, warmup=False)
         if (gamma is None) == (sigma_rel is None):
-            raise ValueError("PowerEMA needs exactly one of gamma or sigma_rel")
+            raise ConfigError("PowerEMA needs exactly one of gamma or sigma_rel")
         self.gamma = gamma if gamma is not None else gamma_from_sigma_rel(sigma_rel)
 
     def beta(self, step: int) -> float:
@@ -80,4 +82,4 @@ def build_ema(model: nn.Module, cfg: dict | None) -> EMA:
         return EMA(model, **cfg)
     if kind == "power":
         return PowerEMA(model, **cfg)
-    raise ValueError(f"unknown EMA kind {kind!r}; use 'classic' or 'power'")
+    raise ConfigError(f"unknown EMA kind {kind!r}; use 'classic' or 'power'")

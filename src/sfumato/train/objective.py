@@ -27,11 +27,14 @@ Sigma sampling:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 from ..denoiser import Denoiser, as_sigma
+from ..errors import ConfigError
 
 WEIGHTINGS = ("uniform", "edm", "min_snr")
 SIGMA_SAMPLINGS = ("process", "lognormal", "logit_normal")
@@ -59,10 +62,10 @@ class Objective:
 
     def __post_init__(self) -> None:
         if self.sigma_sampling not in SIGMA_SAMPLINGS:
-            raise ValueError(f"unknown sigma_sampling {self.sigma_sampling!r}; "
-                             f"choose one of {SIGMA_SAMPLINGS}")
+            raise ConfigError(f"unknown sigma_sampling {self.sigma_sampling!r}; "
+                              f"choose one of {SIGMA_SAMPLINGS}")
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
+            raise ConfigError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
 
     def sample_sigma(self, n: int, denoiser: Denoiser, *, generator: torch.Generator,
                      device: torch.device | str = "cpu") -> torch.Tensor:
@@ -76,7 +79,7 @@ class Objective:
             sigma = t / (1 - t)
         else:
             if denoiser.process is None:
-                raise ValueError("sigma_sampling='process' needs a denoiser built with a process")
+                raise ConfigError("sigma_sampling='process' needs a denoiser built with a process")
             t = denoiser.process.sample_t(n, generator=generator, device=generator.device)
             sigma = denoiser.process.sigma(t).to(device)
         if self.sigma_min is not None or self.sigma_max is not None:
@@ -126,8 +129,19 @@ class ClassifierObjective(Objective):
              sigma: torch.Tensor | None = None, noise: torch.Tensor | None = None,
              class_labels: torch.Tensor | None = None, **cond) -> torch.Tensor:
         if class_labels is None:
-            raise ValueError("a classifier objective needs labelled data (class_labels)")
+            raise ConfigError("a classifier objective needs labelled data (class_labels)")
         x, sigma = self.noisy(denoiser, x0, generator, sigma, noise)
         logits = denoiser(x, sigma, **cond)
         return torch.nn.functional.cross_entropy(logits.float(), class_labels.long(),
                                                  reduction="none")
+
+
+#: The objective's defaults, as the run config's ``objective`` section lists them.
+OBJECTIVE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Objective)}
+
+
+def build_objective(obj_cfg: Mapping[str, Any]) -> Objective:
+    """The objective an ``objective`` config section names (its keys that are fields of
+    :class:`Objective`; ``target="classifier"`` gives a :class:`ClassifierObjective`)."""
+    cls = ClassifierObjective if obj_cfg["target"] == "classifier" else Objective
+    return cls(**{k: obj_cfg[k] for k in OBJECTIVE_DEFAULTS if k in obj_cfg})

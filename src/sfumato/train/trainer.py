@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..denoiser import Denoiser
-from ..process import get_process
+from ..errors import ConfigError, RunReferenceError, TrainingError
+from ..files import atomic_write
+from ..run import Run, build_denoiser, build_network
+from ..runtime import default_device
 from .checkpoint import (
     find_checkpoint,
     load_checkpoint,
@@ -37,35 +39,9 @@ from .checkpoint import (
 )
 from .config import load_config
 from .ema import build_ema
-from .objective import ClassifierObjective, Objective
+from .objective import build_objective
 
-OBJECTIVE_KEYS = ("sigma_sampling", "weighting", "P_mean", "P_std", "logit_mean", "logit_std",
-                  "sigma_data", "gamma", "sigma_min", "sigma_max")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. repeated non-finite losses); the last checkpoint is intact."""
-
-
-def build_denoiser(net: nn.Module, obj_cfg: dict) -> Denoiser:
-    """Wrap a raw network with the preconditioning the objective config names (a
-    :class:`~sfumato.guidance.NoisyClassifier` for ``target="classifier"``)."""
-    if obj_cfg["target"] == "classifier":
-        from ..guidance import NoisyClassifier
-
-        return NoisyClassifier(net, obj_cfg["sigma_data"])
-    proc_cfg = obj_cfg.get("process")
-    process = None
-    if proc_cfg:
-        proc_cfg = dict(proc_cfg)
-        process = get_process(proc_cfg.pop("name"), **proc_cfg)
-    return Denoiser(net, target=obj_cfg["target"], process=process,
-                    t_scale=obj_cfg.get("t_scale", 1.0), sigma_data=obj_cfg["sigma_data"])
-
-
-def build_objective(obj_cfg: dict) -> Objective:
-    cls = ClassifierObjective if obj_cfg["target"] == "classifier" else Objective
-    return cls(**{k: obj_cfg[k] for k in OBJECTIVE_KEYS})
+__all__ = ["Trainer", "TrainingError", "train", "lr_at", "default_device"]
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -77,7 +53,7 @@ def lr_at(step: int, cfg: dict) -> float:
     if cfg["schedule"] == "constant":
         return lr
     if cfg["schedule"] != "cosine":
-        raise ValueError(f"unknown LR schedule {cfg['schedule']!r}; use 'cosine' or 'constant'")
+        raise ConfigError(f"unknown LR schedule {cfg['schedule']!r}; use 'cosine' or 'constant'")
     frac = min(1.0, (step - warm) / max(1, total - warm))
     lo = cfg["min_lr_ratio"]
     return lr * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -97,13 +73,6 @@ def _maybe_init_distributed(device: torch.device) -> tuple[int, int]:
     return _dist_info()
 
 
-def default_device() -> torch.device:
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 class Trainer:
     """Owns one run directory. ``Trainer(config, out).run()`` trains to ``train.steps``,
     resuming from ``out/checkpoint`` if it exists.
@@ -118,7 +87,6 @@ class Trainer:
     def __init__(self, config: str | os.PathLike | dict | None, out: str | os.PathLike, *,
                  device: torch.device | str | None = None, progress: bool = True) -> None:
         from ..data import get_dataset
-        from ..nets import build_net
 
         self.cfg = load_config(config)
         self.out = Path(out)
@@ -128,7 +96,7 @@ class Trainer:
         if tc["num_threads"]:
             torch.set_num_threads(int(tc["num_threads"]))
         if tc["batch_size"] % (self.world * tc["grad_accum"]):
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={tc['batch_size']} must be divisible by world_size "
                 f"({self.world}) x grad_accum ({tc['grad_accum']})"
             )
@@ -142,23 +110,22 @@ class Trainer:
         self.is_classifier = self.cfg["objective"]["target"] == "classifier"
         if self.is_classifier:
             if not nc or self.y_train is None:
-                raise ValueError("objective.target='classifier' needs a labelled data set "
-                                 f"({self.cfg['data']} has no labels)")
+                raise ConfigError("objective.target='classifier' needs a labelled data set "
+                                  f"({self.cfg['data']} has no labels)")
             if self.cfg["objective"]["label_dropout"]:
-                raise ValueError("objective.label_dropout must be 0 for a classifier")
+                raise ConfigError("objective.label_dropout must be 0 for a classifier")
             if model_cfg["type"] != "classifier":
-                raise ValueError("objective.target='classifier' needs model.type='classifier' "
-                                 f"(got {model_cfg['type']!r})")
-        if (model_cfg.pop("conditional", False) or self.is_classifier) and nc:
-            model_cfg["num_classes"] = nc
+                raise ConfigError("objective.target='classifier' needs model.type='classifier' "
+                                  f"(got {model_cfg['type']!r})")
+        self.num_classes = nc if (model_cfg.get("conditional") or self.is_classifier) and nc \
+            else model_cfg.get("num_classes")
         self.hint = model_cfg.get("hint") if model_cfg["type"] == "controlnet" else None
         if self.hint and model_cfg["base"].get("num_classes"):  # a class-conditional base
-            model_cfg["num_classes"] = model_cfg["base"]["num_classes"]
+            self.num_classes = model_cfg["base"]["num_classes"]
         if self.hint:
             self.hint_cond(self.x_train[:1])  # an unknown hint name fails here
         self._setup_text()
-        self.num_classes = model_cfg.get("num_classes")
-        self.net = build_net(model_cfg).to(self.device)
+        self.net = build_network(model_cfg, self.num_classes).to(self.device)
         if base_weights is not None:
             self.net.base.load_state_dict(base_weights)
         self.denoiser = build_denoiser(self.net, self.cfg["objective"])
@@ -183,29 +150,29 @@ class Trainer:
     def _resolve_control_base(self) -> dict | None:
         """For ``model.type = "controlnet"`` with ``base`` naming a run directory: read that
         run, put its network config into ``model.base`` (the checkpoint then rebuilds without
-        it), ``hint`` (default "edges") into ``model`` and its objective into ``objective``
-        (the ControlNet learns the base's own loss), and return its EMA weights. None
-        otherwise."""
+        it), ``hint`` (default "edges") into ``model``, its objective into ``objective`` (the
+        ControlNet learns the base's own loss) and a reference to it (path + weights hash,
+        :mod:`sfumato.run`) into ``refs.base``, and return its EMA weights. None otherwise."""
         model_cfg = self.cfg["model"]
         if model_cfg["type"] != "controlnet" or not isinstance(model_cfg.get("base"), str):
             return None
-        base_dir = Path(model_cfg["base"])
-        tensors, state, base_cfg = load_checkpoint(base_dir, stems=("ema",))
-        base_model = dict(base_cfg["model"])
+        base = Run(model_cfg["base"])
+        base_model = dict(base.config["model"])
         base_model.pop("conditional", None)
-        if state.get("num_classes"):
-            base_model["num_classes"] = state["num_classes"]
+        if base.num_classes:
+            base_model["num_classes"] = base.num_classes
         if base_model.get("type") != "unet":
-            raise ValueError(f"a ControlNet needs a U-Net base; {base_dir} holds a "
-                             f"{base_model.get('type')!r} network")
-        if list(state.get("data_shape", [])) != list(self.x_train.shape[1:]):
-            raise ValueError(f"the base run {base_dir} was trained on data of shape "
-                             f"{state.get('data_shape')}, this data set is "
-                             f"{list(self.x_train.shape[1:])}")
+            raise ConfigError(f"a ControlNet needs a U-Net base; {base.path} holds a "
+                              f"{base_model.get('type')!r} network")
+        if list(base.data_shape or []) != list(self.x_train.shape[1:]):
+            raise ConfigError(f"the base run {base.path} was trained on data of shape "
+                              f"{list(base.data_shape or [])}, this data set is "
+                              f"{list(self.x_train.shape[1:])}")
         self.cfg["model"] = {"hint": "edges", **model_cfg, "base": base_model}
-        self.cfg["objective"] = {**base_cfg["objective"],
+        self.cfg["objective"] = {**base.config["objective"],
                                  "label_dropout": self.cfg["objective"]["label_dropout"]}
-        return tensors["ema"]
+        self.cfg["refs"] = {"base": base.reference_from(self.out).to_dict()}
+        return base.weights()
 
     def _setup_text(self) -> None:
         """Caption the training images and encode the captions once (``text`` section)."""
@@ -216,15 +183,15 @@ class Trainer:
         if not tcfg["encoder"]:
             return
         if self.y_train is None or self.x_train.ndim != 4:
-            raise ValueError("text conditioning captions labelled images; "
-                             f"{self.cfg['data']} has no labels")
+            raise ConfigError("text conditioning captions labelled images; "
+                              f"{self.cfg['data']} has no labels")
         mtype = self.cfg["model"]["type"]
         if tcfg["encoder"] == "tiny" and mtype != "text_conditioned":
-            raise ValueError("text.encoder 'tiny' trains its encoder inside the model: use "
-                             "model.type 'text_conditioned' (backbone + encoder)")
+            raise ConfigError("text.encoder 'tiny' trains its encoder inside the model: use "
+                              "model.type 'text_conditioned' (backbone + encoder)")
         if tcfg["encoder"] == "minilm" and self.cfg["model"].get("context_dim") != 384:
-            raise ValueError("text.encoder 'minilm' gives 384-d token states: build the "
-                             "network with model.context_dim = 384")
+            raise ConfigError("text.encoder 'minilm' gives 384-d token states: build the "
+                              "network with model.context_dim = 384")
         g = torch.Generator().manual_seed(self.cfg["train"]["seed"] + 7)
         self.text = TextConditioner(tcfg).fit(self.x_train, self.y_train,
                                               int(self.data.num_classes), g)
@@ -241,7 +208,7 @@ class Trainer:
         use_bf16 = p == "bf16" or (p == "auto" and self.device.type == "cuda"
                                    and torch.cuda.is_bf16_supported())
         if p not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"unknown precision {p!r}; use 'auto', 'fp32' or 'bf16'")
+            raise ConfigError(f"unknown precision {p!r}; use 'auto', 'fp32' or 'bf16'")
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     # -- checkpoints -----------------------------------------------------------------------
@@ -251,9 +218,17 @@ class Trainer:
             return
         tensors, state, saved_cfg = load_checkpoint(
             ck, stems=("model", "ema", "optimizer", "rng"))
+        for role, ref in (saved_cfg.get("refs") or {}).items():
+            now = self.cfg["refs"].get(role)
+            if now is None or now["sha256"] != ref["sha256"]:
+                raise RunReferenceError(
+                    f"{self.out} was started from the {role} run {ref['path']} (relative to it) "
+                    f"with weights SHA-256 {ref['sha256'][:12]}...; that run has changed since "
+                    f"(now {now and now['sha256'][:12]}...). Restore it, or start a new --out "
+                    "directory on the new one")
         for sec in ("data", "model", "objective"):
             if saved_cfg.get(sec) != self.cfg[sec]:
-                raise ValueError(
+                raise ConfigError(
                     f"{self.out} holds a run with a different '{sec}' config; resume it with "
                     f"its own config ({ck / 'config.json'}) or choose a new --out directory"
                 )
@@ -290,6 +265,16 @@ class Trainer:
             "model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
             "optimizer": opt_t, "rng": rng}, state=state, config=self.cfg,
             keep_last=self.cfg["train"]["keep_last"])
+
+    def _checkpoint_status(self) -> str:
+        """What a stopped run leaves on disk, in words."""
+        ck = find_checkpoint(self.out)
+        if ck is None:
+            tc = self.cfg["train"]
+            return (f"No checkpoint was written yet ({self.out} holds none; the first is due "
+                    f"at step {tc['checkpoint_every'] or tc['steps']}).")
+        step = json.loads((ck / "state.json").read_text())["step"]
+        return f"The last good checkpoint, step {step}, in {ck} is intact."
 
     # -- one step --------------------------------------------------------------------------
     def _global_batch(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor,
@@ -346,8 +331,8 @@ class Trainer:
             if self.bad_steps >= tc["max_bad_steps"]:
                 raise TrainingError(
                     f"the loss was non-finite ({value}) for {self.bad_steps} steps in a row at "
-                    f"step {self.step}; stopping. The last good checkpoint in {self.out} is "
-                    "intact. Lower train.lr, set train.grad_clip, or check the data for NaNs."
+                    f"step {self.step}; stopping. {self._checkpoint_status()} Lower train.lr, "
+                    "set train.grad_clip, or check the data for NaNs."
                 )
             return value
         self.bad_steps = 0
@@ -405,6 +390,7 @@ class Trainer:
         from ..data.base import to_uint8
         from ..imageio import save_grid
         from ..samplers._api import sample_from
+        from ..text.captions import default_prompts
 
         if self.x_train.ndim != 4 or self.is_classifier:
             return None
@@ -417,9 +403,8 @@ class Trainer:
             real = self.data.heldout if getattr(self.data, "heldout", None) is not None \
                 else self.x_train
             cond = self.hint_cond(real[torch.arange(n) % real.shape[0]])
-        if self.text is not None:  # "the digit k" for class k, like the class grid
-            nc = int(self.data.num_classes)
-            cond = self.text.prompts([f"the digit {i % nc}" for i in range(n)])
+        if self.text is not None:  # each class's plain prompt, like the class grid
+            cond = self.text.prompts(default_prompts(n, int(self.data.num_classes)))
         cond = {k: v.to(self.device) for k, v in cond.items()}
         x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
                         class_labels=labels, **cond)
@@ -448,10 +433,9 @@ class Trainer:
         ax.legend()
         fig.tight_layout()
         path = self.out / "loss.png"
-        tmp = path.with_name("loss.tmp.png")
-        fig.savefig(tmp, dpi=110)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=110)
         plt.close(fig)
-        os.replace(tmp, path)
         return path
 
 

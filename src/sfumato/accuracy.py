@@ -1,5 +1,6 @@
-"""Tools to check a sampler against exact models: reference ODE solutions, convergence order,
-distribution distances. Used by the test-suite and the benchmark; handy for your own samplers.
+"""How accurate a sampler is, measured against exact models: reference ODE solutions, an
+honest count of denoiser calls, RMS error, convergence order, distribution distances. Used by
+the test-suite and the benchmark; handy for your own samplers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import sigmas as grids
+from .errors import UsageError
 
 __all__ = [
     "CountingDenoiser",
@@ -22,14 +24,27 @@ __all__ = [
 
 
 class CountingDenoiser:
-    """Wraps a denoiser and counts its calls (``nfe``) honestly: one per batched evaluation."""
+    """Wraps a denoiser and counts its evaluations: sfumato's one NFE counter.
+
+    The convention: NFE is the number of denoiser evaluations *per sample*. A call on a batch
+    evaluates each of its rows once, so ``nfe`` (calls) is a sampler's NFE whatever the batch
+    size. ``rows`` adds up the batch sizes (``x.shape[0]``): code that evaluates changing
+    subsets of its samples (calibration chunks and minibatches) reports
+    :meth:`per_sample` = ``rows // samples``, the same unit.
+    """
 
     def __init__(self, denoiser: Callable) -> None:
-        self.denoiser, self.nfe = denoiser, 0
+        self.denoiser, self.nfe, self.rows = denoiser, 0, 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         self.nfe += 1
+        self.rows += x.shape[0]
         return self.denoiser(x, sigma, **cond)
+
+    def per_sample(self, samples: int) -> int:
+        """Evaluations per sample when ``samples`` samples shared the calls (``rows //
+        samples``)."""
+        return self.rows // samples
 
 
 @torch.no_grad()
@@ -41,7 +56,7 @@ def reference_ode(denoiser: Callable, x: torch.Tensor, sigma_from: float, sigma_
     ``sigma_to`` must be > 0 (add a final ``D(x, sigma_to)`` yourself to reach 0).
     """
     if not sigma_to > 0:
-        raise ValueError("reference_ode integrates to a positive sigma_to")
+        raise UsageError("reference_ode integrates to a positive sigma_to")
     u = torch.linspace(math.log(sigma_from), math.log(sigma_to), steps + 1, dtype=torch.float64)
 
     def f(x, ui):
@@ -108,7 +123,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, *,
     a = a.reshape(a.shape[0], -1).double()
     b = b.reshape(b.shape[0], -1).double()
     if a.shape != b.shape:
-        raise ValueError(f"point clouds must have equal shapes; got {a.shape} and {b.shape}")
+        raise UsageError(f"point clouds must have equal shapes; got {a.shape} and {b.shape}")
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     d = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
     d = d / d.norm(dim=0, keepdim=True)

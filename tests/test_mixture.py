@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sfumato.toy import GaussianMixture, random_mixture
+from sfumato.mixture import GaussianMixture, random_mixture
 
 
 @pytest.mark.parametrize("full_cov", [True, False])

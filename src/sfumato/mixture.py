@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from .errors import UsageError
+
 __all__ = ["GaussianMixture", "random_mixture"]
 
 
@@ -46,7 +48,7 @@ class GaussianMixture:
                  classes: torch.Tensor | None = None) -> None:
         means = torch.as_tensor(means, dtype=torch.float64)
         if means.ndim != 2:
-            raise ValueError(f"means must have shape (K, D); got {tuple(means.shape)}")
+            raise UsageError(f"means must have shape (K, D); got {tuple(means.shape)}")
         K, D = means.shape
         covs = torch.as_tensor(covs, dtype=torch.float64)
         if covs.shape == (K,):
@@ -56,25 +58,25 @@ class GaussianMixture:
         elif covs.shape == (K, D, D):
             lam, U = torch.linalg.eigh(0.5 * (covs + covs.transpose(1, 2)))
         else:
-            raise ValueError(
+            raise UsageError(
                 f"covs must have shape (K,), (K, D) or (K, D, D) with K={K}, D={D}; "
                 f"got {tuple(covs.shape)}"
             )
         if (lam <= 0).any():
-            raise ValueError("covariances must be positive definite")
+            raise UsageError("covariances must be positive definite")
         w = torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None else \
             torch.as_tensor(weights, dtype=torch.float64)
         if w.shape != (K,) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be (K,) = ({K},) nonnegative with a positive sum")
+            raise UsageError(f"weights must be (K,) = ({K},) nonnegative with a positive sum")
         self.means, self.lam, self.U = means, lam, U
         self.log_w = (w / w.sum()).log()
         self.event_shape = tuple(event_shape) if event_shape is not None else (D,)
         if math.prod(self.event_shape) != D:
-            raise ValueError(f"event_shape {self.event_shape} does not hold D={D} values")
+            raise UsageError(f"event_shape {self.event_shape} does not hold D={D} values")
         self.K, self.D = K, D
         self.classes = None if classes is None else torch.as_tensor(classes, dtype=torch.long)
         if self.classes is not None and (self.classes.shape != (K,) or (self.classes < 0).any()):
-            raise ValueError(f"classes must be (K,) = ({K},) nonnegative integers")
+            raise UsageError(f"classes must be (K,) = ({K},) nonnegative integers")
         self.num_classes = None if self.classes is None else int(self.classes.max()) + 1
 
     # -- helpers ---------------------------------------------------------------------------
@@ -84,7 +86,7 @@ class GaussianMixture:
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != self.event_shape:
-            raise ValueError(
+            raise UsageError(
                 f"expected x of shape (batch, {', '.join(map(str, self.event_shape))}); "
                 f"got {tuple(x.shape)}"
             )
@@ -119,7 +121,7 @@ class GaussianMixture:
         if class_labels is None:
             return torch.zeros_like(like)
         if self.classes is None:
-            raise ValueError("this mixture has no classes; build it with classes=... to "
+            raise UsageError("this mixture has no classes; build it with classes=... to "
                              "condition on class_labels")
         y = torch.as_tensor(class_labels, device=like.device).long().reshape(-1, 1)
         keep = (self.classes.to(like.device)[None] == y) | (y == self.num_classes)
@@ -128,7 +130,7 @@ class GaussianMixture:
     def class_log_posterior(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """Exact noisy classifier log p(y | x, sigma), shape (B, num_classes)."""
         if self.classes is None:
-            raise ValueError("this mixture has no classes; build it with classes=...")
+            raise UsageError("this mixture has no classes; build it with classes=...")
         *_, log_w, logn = self._parts(x, sigma)
         joint = log_w + logn  # (B, K)
         onehot = torch.nn.functional.one_hot(self.classes, self.num_classes).to(joint.device)

@@ -1,7 +1,7 @@
 """Truth tests for the exponential integrators: DPM-Solver, DPM-Solver++ (ODE and SDE) and UniPC
 (sfumato.samplers.dpm, sfumato.samplers.unipc), run on exact Gaussian-mixture denoisers.
 
-Convergence orders are measured with :func:`sfumato.check.measure_order` (float64, log-linear
+Convergence orders are measured with :func:`sfumato.accuracy.measure_order` (float64, log-linear
 grid from sigma = 20 to 0.05, no final step into 0, median per-sample error against an RK4
 reference) on a 2-D and an 8-D random mixture; the order at the finest pair must be within
 0.3 of theory. Measured (2-D / 8-D, finest pair):
@@ -26,12 +26,12 @@ import math
 import pytest
 import torch
 
-from sfumato.check import measure_order, reference_ode, sliced_wasserstein
+from sfumato.accuracy import measure_order, reference_ode, sliced_wasserstein
+from sfumato.mixture import random_mixture
 from sfumato.samplers import get_sampler
 from sfumato.samplers._exp import phi, step_order
 from sfumato.samplers.unipc import unipc_coefficients
 from sfumato.sigmas import karras, loglinear
-from sfumato.toy import random_mixture
 
 SIGMA_MIN, SIGMA_MAX = 0.05, 20.0
 

@@ -53,11 +53,11 @@ def test_text_run_trains_and_samples_from_prompts(cfg, tmp_path, capsys, monkeyp
     monkeypatch.setenv("SFUMATO_CACHE", str(tmp_path / "cache"))
     Trainer(cfg, tmp_path / "run", progress=False).run()
     model = sfumato.load(tmp_path / "run")
-    a = model.sample(4, prompt="a thick 7", guidance=3.0, steps=3)
+    a = model.sample(4, prompt="a thick 7", guidance=3.0, steps=3).x
     b = model.sample(4, prompt="the digit one", guidance=3.0, steps=3)
     assert a.shape == (4, 1, 8, 8) and torch.isfinite(a).all()
-    assert not torch.equal(a, b)  # the prompt reaches the network
-    assert model.last_labels.tolist() == [1] * 4
+    assert not torch.equal(a, b.x)  # the prompt reaches the network
+    assert b.labels.tolist() == [1] * 4 and b.prompts == ["the digit one"] * 4
     out = tmp_path / "p.npz"
     assert main(["sample", str(tmp_path / "run"), "--n", "3", "--steps", "2", "--prompt",
                  "a small 4, slanted to the left", "--guidance", "2", "--out", str(out)]) == 0

@@ -70,7 +70,7 @@ def test_controlnet_keeps_base_and_uses_the_hint(runs):
         print(f"sigma {sigma}: held-out MSE with hint {with_hint:.4f}, base {without:.4f}")
         assert with_hint < 0.8 * without, (sigma, with_hint, without)
     # no hint: the base model, exactly
-    assert torch.equal(ctrl.sample(4, steps=3), base.sample(4, steps=3))
+    assert torch.equal(ctrl.sample(4, steps=3).x, base.sample(4, steps=3).x)
 
 
 def test_cli_control(runs, capsys):

@@ -78,12 +78,12 @@ def _sample(runs, name, *extra):
 def test_api_guidance_changes_samples(runs):
     model = sfumato.load(runs / "gen")
     early = sfumato.load(sorted((runs / "gen" / "checkpoints").glob("step-*"))[0])
-    plain = model.sample(6, steps=3)
+    plain = model.sample(6, steps=3).x
     for kw in ({"guidance": 3.0}, {"guidance": 2.0, "autoguide": early},
                {"guidance": 2.0, "classifier": sfumato.load(runs / "clf")}):
-        x = model.sample(6, steps=3, **kw)
+        x = model.sample(6, steps=3, **kw).x
         assert torch.isfinite(x).all() and (x - plain).abs().max() > 1e-6, kw
-    assert torch.equal(model.sample(6, steps=3, guidance=2.0, guidance_interval=(90., 100.)),
+    assert torch.equal(model.sample(6, steps=3, guidance=2.0, guidance_interval=(90., 100.)).x,
                        plain)
 
 
@@ -92,13 +92,15 @@ def test_config_guidance_is_the_default_scale(runs):
     explicit scale (1 included) overrides it."""
     model = sfumato.load(runs / "gen")
     assert model.config["sample"]["guidance"] == 1.0
-    plain = model.sample(6, steps=3)
-    assert model.last_guidance == 1.0
+    first = model.sample(6, steps=3)
+    plain = first.x
+    assert first.guidance == 1.0
     model.config["sample"]["guidance"] = 2.0
-    assert torch.equal(model.sample(6, steps=3), model.sample(6, steps=3, guidance=2.0))
-    assert model.last_guidance == 2.0
-    assert (model.sample(6, steps=3) - plain).abs().max() > 1e-6
-    assert torch.equal(model.sample(6, steps=3, guidance=1.0), plain)
+    default = model.sample(6, steps=3)
+    assert torch.equal(default.x, model.sample(6, steps=3, guidance=2.0).x)
+    assert default.guidance == 2.0 and first.guidance == 1.0
+    assert (default.x - plain).abs().max() > 1e-6
+    assert torch.equal(model.sample(6, steps=3, guidance=1.0).x, plain)
 
 
 def test_cli_guidance_kinds(runs, capsys):

@@ -1,0 +1,372 @@
+"""A trained run, ready to sample: :class:`Model` (made by :func:`sfumato.load`).
+
+    model = sfumato.load("runs/digits")                  # config + EMA weights
+    out = model.sample(16, sampler="heun", steps=18, seed=0)
+    out.x                                                # (16, 1, 8, 8) in [-1, 1]
+    out.labels, out.guidance, out.sigmas                 # what was sampled, and how
+    images = out.to_uint8()                              # (16, 8, 8, 1) uint8
+
+The run itself (config, state, kind, references, weights) is a :class:`sfumato.run.Run`;
+:func:`load` makes a :class:`Model` of one, :func:`evaluate` scores its checkpoints. The CLI
+(``sfumato sample``, ``sfumato evaluate``) is a thin layer over this.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .calibrate import OptimizedSigmas, TunedSolver, optimize_sigmas, tune_coefficients
+from .data.base import to_uint8
+from .errors import UsageError, check_finite
+from .run import Run
+from .samplers import TABLE_SAMPLERS
+from .samplers._api import sample_from
+
+#: ``class_labels`` default: classes evenly (``arange(n) % num_classes``), or unconditional
+#: (the null label) when a hint fixes the content.
+AUTO = "auto"
+
+ClassLabels = torch.Tensor | int | str | None
+
+
+@dataclass
+class Samples:
+    """What :meth:`Model.sample` drew, and how.
+
+    Attributes:
+        x: (n, *data_shape) float samples in the data range ([-1, 1] for images).
+        labels: (n,) class labels the samples were conditioned on (or, for a text run, the
+            digit each prompt names), None when unconditional.
+        prompts: the n prompts of a text run, else None.
+        guidance: the guidance scale used (1 = none).
+        sampler: the sampler's name.
+        sigmas: the noise-level grid used, (steps + 1,) float64 ending in 0.
+    """
+
+    x: torch.Tensor
+    labels: torch.Tensor | None = None
+    prompts: list[str] | None = None
+    guidance: float = 1.0
+    sampler: str = ""
+    sigmas: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_uint8(self) -> np.ndarray:
+        """Images as (n, H, W, C) uint8 numpy (``sfumato.data.to_uint8``)."""
+        return to_uint8(self.x).numpy()
+
+
+class Model:
+    """A trained run: its :class:`~sfumato.run.Run` and its EMA network wrapped as a σ-space
+    denoiser (for a classifier run, ``denoiser`` is the
+    :class:`~sfumato.guidance.NoisyClassifier`)."""
+
+    def __init__(self, run: Run, denoiser, device: torch.device) -> None:
+        self.run, self.denoiser, self.device = run, denoiser, device
+        self.config, self.state = run.config, run.state
+        self.kind = run.kind
+        self.num_classes = run.num_classes
+        self.shape = run.data_shape
+        self.is_classifier = self.kind == "classifier"
+        #: the hint a ControlNet run was trained with ("edges", "mask"), else None
+        self.hint = self.config["model"].get("hint") if self.kind == "controlnet" else None
+        self._text = None
+
+    def __repr__(self) -> str:
+        s = self.run.sampling
+        params = sum(p.numel() for p in self.denoiser.parameters())
+        cls = f", classes={self.num_classes}" if self.num_classes else ""
+        return (f"Model(kind={self.kind!r}, run={str(self.run.path)!r}, step={self.run.step}, "
+                f"data_shape={self.shape}{cls}, params={params:,}, "
+                f"sampling={s['sampler']} {s['steps']} steps on {s['grid']} "
+                f"[{s['sigma_min']:g}, {s['sigma_max']:g}], guidance={s.get('guidance', 1.0):g})")
+
+    @property
+    def text(self):
+        """The run's :class:`~sfumato.text.conditioner.TextConditioner` (encodes prompts), or
+        None for a model without text conditioning."""
+        tcfg = self.config.get("text") or {}
+        if self._text is None and tcfg.get("encoder"):
+            from .text.conditioner import TextConditioner
+
+            self._text = TextConditioner(tcfg)
+        return self._text
+
+    def guided(self, guidance: float = 1.0, *, classifier: Model | None = None,
+               autoguide: Model | None = None, interval: tuple[float, float] | None = None,
+               rescale: float = 0.0):
+        """The denoiser to sample with: plain (guidance 1, no classifier), classifier-free
+        guidance (class-conditional model), classifier guidance (``classifier``: a classifier
+        run) or autoguidance (``autoguide``: a weaker model, e.g. an earlier checkpoint of this
+        run). See :mod:`sfumato.guidance`."""
+        from . import guidance as G
+
+        check_finite("guidance", guidance)
+        check_finite("guidance rescale (phi)", rescale, low=0.0, high=1.0)
+        check_finite("guidance interval", interval, low=0.0)
+        if interval is not None and not interval[0] < interval[1]:
+            raise UsageError(f"guidance interval must be (lo, hi) with lo < hi; got {interval}")
+        if self.is_classifier:
+            raise UsageError("this run is a classifier; sample from a diffusion model run")
+        if classifier is not None and autoguide is not None:
+            raise UsageError("choose one of classifier guidance and autoguidance")
+        if classifier is not None:
+            if not classifier.is_classifier:
+                raise UsageError("classifier= must be a classifier run (objective.target = "
+                                 "'classifier')")
+            return G.ClassifierGuidance(self.denoiser, classifier.denoiser, guidance,
+                                        condition_denoiser=bool(self.num_classes),
+                                        sigma_interval=interval)
+        if autoguide is not None:
+            if autoguide.shape != self.shape or autoguide.num_classes != self.num_classes:
+                raise UsageError("the autoguide model must produce the same data shape and "
+                                 "take the same conditioning as this one")
+            return G.AutoGuidance(self.denoiser, autoguide.denoiser, guidance,
+                                  sigma_interval=interval)
+        if guidance == 1.0:
+            return self.denoiser
+        if not (self.num_classes or self.text):
+            raise UsageError("classifier-free guidance needs a conditional model; for an "
+                             "unconditional one use classifier guidance or autoguidance")
+        uncond = {"class_labels": self.num_classes} if self.num_classes else {}
+        if self.text:
+            uncond.update(self.text.null())
+        return G.ClassifierFreeGuidance(self.denoiser, guidance, uncond=uncond,
+                                        rescale=rescale, sigma_interval=interval)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, sampler: str | None = None, steps: int | None = None,
+               seed: int = 0, class_labels: ClassLabels = AUTO,
+               grid: str | None = None, guidance: float | None = None,
+               classifier: Model | None = None, autoguide: Model | None = None,
+               guidance_interval: tuple[float, float] | None = None,
+               guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
+               control_scale: float = 1.0, prompt: str | Sequence[str] | None = None,
+               sigmas: torch.Tensor | Sequence[float] | None = None,
+               **sampler_kwargs) -> Samples:
+        """n samples (sample i depends only on ``seed`` and i), as :class:`Samples`.
+
+        ``class_labels``: an int or (n,) tensor of classes for a class-conditional model (or
+        for classifier guidance); ``None`` samples unconditionally (the null label the run
+        was trained with by label dropout); the default ``"auto"`` samples the classes evenly
+        (``arange(n) % num_classes``), or unconditionally when a ``hint`` fixes the content.
+        Guidance arguments: see :meth:`guided`; ``guidance=None`` uses the run's default
+        scale, ``config["sample"]["guidance"]``. ``hint`` (n or 1, C, H, W) in [-1, 1] steers
+        a ControlNet run (see :mod:`sfumato.control` for making one from images); without it
+        a ControlNet run samples its base model. ``prompt`` (one string, or n) conditions a
+        text model; without it a text model samples the plain prompt of each class in turn
+        (:func:`sfumato.text.captions.default_prompts`). ``sigmas``: an explicit grid (e.g.
+        :meth:`optimize_sigmas`' ``.sigmas``) instead of steps and grid.
+        """
+        from .sigmas import get_sigmas
+
+        check_finite("control scale", control_scale)
+        cfg = dict(self.run.sampling)
+        cfg.update({k: v for k, v in (("sampler", sampler), ("steps", steps), ("grid", grid))
+                    if v is not None})
+        if sampler_kwargs:
+            cfg["kwargs"] = sampler_kwargs
+        if cfg["sampler"] in TABLE_SAMPLERS and "table" not in sampler_kwargs:
+            raise UsageError(f"sampler {cfg['sampler']!r} runs a tuned coefficient table: pass "
+                             "table= and its sigmas= (the CLI: --sigmas FILE from 'sfumato "
+                             "optimize-grid --tune')")
+        if sigmas is not None:
+            check_finite("sigmas", [float(s) for s in torch.as_tensor(sigmas).reshape(-1)])
+            cfg["sigmas"] = torch.as_tensor(sigmas, dtype=torch.float64)
+        else:
+            cfg["sigmas"] = get_sigmas(cfg["grid"], int(cfg["steps"]),
+                                       sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"])
+        den, out, cond = self._conditioning(
+            n, class_labels, guidance, classifier=classifier, autoguide=autoguide,
+            interval=guidance_interval, rescale=guidance_rescale, hint=hint,
+            control_scale=control_scale, prompt=prompt)
+        out.x = sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device, **cond)
+        out.sampler, out.sigmas = cfg["sampler"], cfg["sigmas"]
+        return out
+
+    def optimize_sigmas(self, steps: int, *, sampler: str | None = None, samples: int = 1024,
+                        seed: int = 1, guidance: float | None = None, ref_steps: int = 200,
+                        batch_size: int | None = None, **sampler_kwargs) -> OptimizedSigmas:
+        """A ``steps``-step grid for ``sampler`` (default: the run's) fitted to this model by
+        :func:`sfumato.calibrate.optimize_sigmas` over the run's noise range, on ``samples``
+        calibration draws from ``seed`` (conditioned as :meth:`sample` would: classes evenly,
+        the run's guidance scale unless ``guidance`` is given). Use the result with
+        ``sample(..., sigmas=fit.sigmas)``. Costs ``4 ref_steps + 1`` denoiser calls per draw
+        for the targets plus ``steps`` per draw per trial grid (see the module)."""
+        cfg = self.run.sampling
+        den, cond = self._calibration_conditioning(samples, guidance)
+        return optimize_sigmas(
+            den, sampler or cfg["sampler"], steps, sigma_min=float(cfg["sigma_min"]),
+            sigma_max=float(cfg["sigma_max"]), shape=self.shape,
+            generator=torch.Generator().manual_seed(seed), samples=samples,
+            ref_steps=ref_steps, batch_size=batch_size, device=self.device,
+            sampler_kwargs=sampler_kwargs or cfg.get("kwargs"), cond=cond)
+
+    def tune_solver(self, steps: int, *, variant: str = "bh1", order: int = 3,
+                    samples: int = 1024, seed: int = 2, guidance: float | None = None,
+                    sigmas: torch.Tensor | Sequence[float] | None = None,
+                    grid_samples: int = 1024, iters: int = 200, minibatch: int = 256,
+                    ref_steps: int = 100) -> TunedSolver:
+        """UniPC with its ``steps``-step coefficients tuned to this model
+        (:func:`sfumato.calibrate.tune_coefficients`, ``samples`` draws from ``seed``, half
+        held out, conditioned as :meth:`sample` would), on ``sigmas`` or else on the grid
+        :meth:`optimize_sigmas` fits for ``unipc_{variant}`` (``grid_samples`` draws, seed
+        ``seed + 1``). Sample with ``sample(n, sampler="tabulated", sigmas=fit.sigmas,
+        table=fit.table)``. The denoiser is differentiated through the whole solver: memory
+        and time grow with ``minibatch`` times ``steps`` (a network costs far more per call
+        than the benchmark's mixture, hence the smaller defaults: ``iters`` Adam steps on
+        ``minibatch`` draws, targets from ``ref_steps`` RK4 steps)."""
+        if sigmas is None:
+            sigmas = self.optimize_sigmas(steps, sampler=f"unipc_{variant}",
+                                          samples=grid_samples, seed=seed + 1,
+                                          guidance=guidance, order=order).sigmas
+        den, cond = self._calibration_conditioning(samples, guidance)
+        return tune_coefficients(
+            den, torch.as_tensor(sigmas, dtype=torch.float64), shape=self.shape,
+            generator=torch.Generator().manual_seed(seed), order=order, variant=variant,
+            samples=samples, iters=iters, minibatch=min(minibatch, samples // 2),
+            ref_steps=ref_steps, device=self.device, cond=cond)
+
+    def _calibration_conditioning(self, n: int, guidance: float | None) -> tuple:
+        """(denoiser, conditioning tensors with n rows) for calibration draws, as
+        :meth:`sample` would condition n samples (classes evenly)."""
+        den, _, cond = self._conditioning(n, AUTO, guidance)
+        return den, cond
+
+    def _conditioning(self, n: int, class_labels: ClassLabels, guidance: float | None, *,
+                      classifier: Model | None = None, autoguide: Model | None = None,
+                      interval: tuple[float, float] | None = None, rescale: float = 0.0,
+                      hint: torch.Tensor | None = None, control_scale: float = 1.0,
+                      prompt: str | Sequence[str] | None = None
+                      ) -> tuple[Any, Samples, dict[str, torch.Tensor]]:
+        """(denoiser, a :class:`Samples` with labels/prompts/guidance filled in, conditioning
+        tensors on the device with n rows) for n samples, as :meth:`sample` describes."""
+        if guidance is None:
+            guidance = float(self.run.sampling.get("guidance", 1.0))
+        den = self.guided(guidance, classifier=classifier, autoguide=autoguide,
+                          interval=interval, rescale=rescale)
+        out = Samples(x=torch.empty(0), guidance=guidance)
+        labels = self._labels(n, class_labels, hint is not None, classifier)
+        cond = {**self._hint_cond(n, hint, control_scale), **self._text_cond(n, prompt, out)}
+        if labels is not None:
+            cond["class_labels"] = labels.to(self.device)
+            # the null label is "no label" to the caller
+            null = self.num_classes is not None and bool((labels == self.num_classes).all())
+            out.labels = None if null else labels
+        return den, out, cond
+
+    def _labels(self, n: int, class_labels: ClassLabels, hinted: bool,
+                classifier: Model | None) -> torch.Tensor | None:
+        """The (n,) labels to condition on (the null label for unconditional), or None for a
+        model that takes no labels."""
+        nc = self.num_classes or (classifier.num_classes if classifier is not None else None)
+        auto = isinstance(class_labels, str) and class_labels == AUTO
+        if isinstance(class_labels, str) and not auto:
+            raise UsageError(f"class_labels must be an int, a tensor, None (unconditional) or "
+                             f"{AUTO!r}; got {class_labels!r}")
+        if class_labels is None or (auto and hinted and self.num_classes):
+            if not self.num_classes:
+                if classifier is not None:
+                    raise UsageError("classifier guidance needs class labels to guide towards")
+                return None
+            # a ControlNet's null label is its frozen base's (its own dropout may be 0)
+            if not self.config["objective"].get("label_dropout") and self.kind != "controlnet":
+                raise UsageError("this run was trained without label dropout "
+                                 "(objective.label_dropout = 0): it has no unconditional mode; "
+                                 "give class labels")
+            return torch.full((n,), self.num_classes, dtype=torch.long)
+        if auto:
+            return torch.arange(n) % nc if nc else None
+        if isinstance(class_labels, int):
+            class_labels = torch.full((n,), class_labels, dtype=torch.long)
+        if not nc:
+            raise UsageError("class labels need a class-conditional model or a classifier")
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 1:
+            labels = labels.expand(n).clone()
+        if labels.numel() != n or not 0 <= int(labels.min()) <= int(labels.max()) < nc:
+            raise UsageError(f"class labels must be in [0, {nc}) for this model, one label or "
+                             f"{n}; got {labels.tolist()}")
+        return labels
+
+    def _hint_cond(self, n: int, hint: torch.Tensor | None, scale: float) -> dict:
+        if hint is None:
+            return {}
+        if not self.hint:
+            raise UsageError("hint= needs a ControlNet run (model.type 'controlnet')")
+        if hint.ndim != 4 or hint.shape[0] not in (1, n) or hint.shape[2:] != self.shape[1:]:
+            raise UsageError(f"hint must have shape (1 or {n}, C, {self.shape[1]}, "
+                             f"{self.shape[2]}); got {tuple(hint.shape)}")
+        cond = {"hint": hint.to(self.device).expand(n, *hint.shape[1:])}
+        return {**cond, "control_scale": scale} if scale != 1.0 else cond
+
+    def _text_cond(self, n: int, prompt: str | Sequence[str] | None, out: Samples) -> dict:
+        """Encoded prompts; records them in ``out``, and the digits they name as its labels
+        (a class-conditional text model's labels replace them later)."""
+        from .text.captions import default_prompts, parse_prompt
+
+        if prompt is not None and not self.text:
+            raise UsageError("prompt= needs a text-conditioned run (config section 'text')")
+        if not self.text:
+            return {}
+        if prompt is None:
+            prompt = default_prompts(n)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if len(prompts) not in (1, n):
+            raise UsageError(f"give one prompt or n = {n}; got {len(prompts)}")
+        out.prompts = prompts * n if len(prompts) == 1 else prompts
+        named = [parse_prompt(p)[0] for p in out.prompts]
+        if None not in named:
+            out.labels = torch.tensor(named)
+        enc = self.text.prompts(prompts)
+        return {k: v.to(self.device).expand(n, *v.shape[1:]) for k, v in enc.items()}
+
+
+def load(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+         dtype: torch.dtype = torch.float32) -> Model:
+    """Load a run directory (or one of its checkpoint folders) as a
+    :class:`~sfumato.model.Model`: config + EMA weights, ready to sample."""
+    run = Run(path)
+    return Model(run, run.denoiser(device=device, dtype=dtype), torch.device(device))
+
+
+def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
+             seed: int = 12345, ref_seed: int = 0, sampler: str | None = None,
+             steps: int | None = None, guidance: float | None = None,
+             on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Score a run's samples: Fréchet distance in its data set's classifier features next to
+    the real-vs-real floor, and class accuracy for a class-conditional run
+    (:func:`sfumato.metrics.evaluate_images`), for the latest checkpoint or (``every``) each
+    kept one. ``n`` samples from ``seed``; the reference is the held-out subset drawn with
+    ``ref_seed``. Returns ``{"n", "guidance", "seed", "ref_seed", "rows": [...]}``, one row
+    per checkpoint (step, train CPU minutes, fd, fd_floor, fd_ratio, accuracy, ...);
+    ``on_row`` sees each row as soon as it is measured."""
+    from .data import get_dataset
+    from .metrics import evaluate_images
+
+    rows, data, used_guidance = [], None, None
+    for ck in Run(path).checkpoints(every):
+        run = Run(ck)
+        if run.kind not in ("diffusion", "text", "controlnet") or len(run.data_shape or ()) != 3:
+            raise UsageError(f"evaluate scores image models (FD in a classifier's features); "
+                             f"{path} is a {run.kind} run of data shape {run.data_shape}")
+        result = load(ck).sample(n, seed=seed, sampler=sampler, steps=steps,
+                                    guidance=guidance)
+        if data is None:  # once: the run's checkpoints share their data set
+            data = get_dataset(run.config["data"])
+        m = evaluate_images(result.x, data, labels=result.labels, seed=ref_seed)
+        cpu = run.train_cpu_seconds
+        row = {"step": run.step, "train_cpu_minutes": cpu and cpu / 60,
+               **{k: m.get(k) for k in ("fd", "fd_floor", "fd_ratio", "accuracy",
+                                        "class_entropy", "n")}}
+        used_guidance = result.guidance
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return {"n": n, "guidance": used_guidance, "seed": seed, "ref_seed": ref_seed,
+            "rows": rows}
