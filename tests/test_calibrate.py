@@ -50,7 +50,9 @@ def test_result_is_a_valid_grid_with_its_cost_counted(problem):
     assert s.shape == (5,) and s.dtype == torch.float64 and s[-1] == 0
     assert (s.diff() < 0).all()
     assert s[0] == pytest.approx(p.sigma_max) and s[-2] >= p.sigma_min * (1 - 1e-12)
-    assert fit.error <= fit.init_error
+    # 30 trials on 64 draws already improve the calibration error (measured x 0.60; other
+    # calibration seeds x 0.65, x 0.42)
+    assert fit.error < 0.8 * fit.init_error
     # targets: RK4 (4 calls per step) + the final D; then n = 4 calls per trial grid (a trial
     # that is not a decreasing grid costs nothing)
     spent = fit.nfe - (4 * 200 + 1)

@@ -106,11 +106,24 @@ def test_nan_loss_stops_with_the_checkpoint_intact(tmp_path):
     t2 = Trainer(cfg2, tmp_path, progress=False)
     t2.x_train = t2.x_train.clone()
     t2.x_train[:] = float("nan")
-    with pytest.raises(TrainingError, match="non-finite"):
+    with pytest.raises(TrainingError, match="non-finite") as stopped:
         t2.run()
+    assert "The last good checkpoint, step 8, in" in str(stopped.value)
     after = _tensors(tmp_path)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert json.loads((tmp_path / "checkpoint" / "state.json").read_text())["step"] == 8
+
+
+def test_nan_loss_before_any_checkpoint_says_so(tmp_path):
+    """Stopped at step 0, there is no checkpoint to call intact: the message says what is."""
+    t = Trainer({**TOY, "train": {**TOY["train"], "steps": 20, "checkpoint_every": 10}},
+                tmp_path / "r", progress=False)
+    t.x_train = t.x_train.clone()
+    t.x_train[:] = float("nan")
+    with pytest.raises(TrainingError, match="No checkpoint was written yet") as stopped:
+        t.run()
+    assert "intact" not in str(stopped.value) and "due at step 10" in str(stopped.value)
+    assert not (tmp_path / "r" / "checkpoint").exists()
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
