@@ -20,15 +20,18 @@ import torch
 
 DEMO_CONFIG: dict[str, Any] = {
     "data": {"name": "digits"},
-    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 32,
+    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 16,
               "channel_mult": [1, 2], "num_res_blocks": 2, "attention_resolutions": [],
               "mid_attention": False, "norm_groups": 8, "conditional": True},
     "objective": {"target": "edm", "sigma_data": 0.5, "sigma_sampling": "lognormal",
                   "P_mean": -1.2, "P_std": 1.2, "weighting": "edm", "label_dropout": 0.1},
-    "train": {"steps": 1350, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50,
+    # one thread: a net this small runs no faster on two (and leaves the other core free);
+    # bf16 autocast: the same FD in ~15% less time than fp32 on this machine's CPU
+    "train": {"steps": 1300, "batch_size": 128, "lr": 3e-3, "warmup_steps": 50,
               "schedule": "cosine", "checkpoint_every": 500, "keep_last": 3,
-              "ema": {"kind": "power", "sigma_rel": 0.1}},
-    "sample": {"sampler": "heun", "steps": 18, "grid": "karras", "sigma_min": 0.002,
+              "ema": {"kind": "power", "sigma_rel": 0.1}, "precision": "bf16",
+              "num_threads": 1},
+    "sample": {"sampler": "dpmpp_2m", "steps": 16, "grid": "karras", "sigma_min": 0.002,
                "sigma_max": 80.0, "n_grid": 100},
 }
 
