@@ -327,11 +327,11 @@ class Model:
         return {k: v.to(self.device).expand(n, *v.shape[1:]) for k, v in enc.items()}
 
 
-def load(path: str | os.PathLike, *, device: torch.device | str = "cpu",
+def load(path: str | os.PathLike | Run, *, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> Model:
-    """Load a run directory (or one of its checkpoint folders) as a
-    :class:`~sfumato.model.Model`: config + EMA weights, ready to sample."""
-    run = Run(path)
+    """Load a run directory (or one of its checkpoint folders, or a :class:`Run` already read)
+    as a :class:`~sfumato.model.Model`: config + EMA weights, ready to sample."""
+    run = path if isinstance(path, Run) else Run(path)
     return Model(run, run.denoiser(device=device, dtype=dtype), torch.device(device))
 
 
@@ -355,7 +355,7 @@ def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
         if run.kind not in ("diffusion", "text", "controlnet") or len(run.data_shape or ()) != 3:
             raise UsageError(f"evaluate scores image models (FD in a classifier's features); "
                              f"{path} is a {run.kind} run of data shape {run.data_shape}")
-        result = load(ck).sample(n, seed=seed, sampler=sampler, steps=steps,
+        result = load(run).sample(n, seed=seed, sampler=sampler, steps=steps,
                                     guidance=guidance)
         if data is None:  # once: the run's checkpoints share their data set
             data = get_dataset(run.config["data"])

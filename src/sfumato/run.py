@@ -276,9 +276,10 @@ def resolve_ref(referrer_dir: str | os.PathLike, ref: RunRef, role: str = "refer
 
 
 def ref_status(referrer_dir: str | os.PathLike, ref: RunRef) -> str:
-    """'ok', or why :func:`resolve_ref` would refuse the reference."""
+    """``"ok"``, ``"changed"`` (other weights) or ``"missing"`` (no readable run there): what
+    :func:`resolve_ref` would find."""
     try:
-        resolve_ref(referrer_dir, ref)
-    except RunReferenceError as e:
-        return "changed" if "has changed" in str(e) else "missing"
-    return "ok"
+        run = Run(Path(referrer_dir) / ref.path)
+    except CheckpointError:
+        return "missing"
+    return "ok" if run.weights_sha256() == ref.sha256 else "changed"
