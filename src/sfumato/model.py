@@ -68,14 +68,20 @@ class Model:
 
     def __init__(self, run: Run, denoiser, device: torch.device) -> None:
         self.run, self.denoiser, self.device = run, denoiser, device
-        self.config, self.state = run.config, run.state
-        self.kind = run.kind
-        self.num_classes = run.num_classes
-        self.shape = run.data_shape
-        self.is_classifier = self.kind == "classifier"
-        #: the hint a ControlNet run was trained with ("edges", "mask"), else None
-        self.hint = self.config["model"].get("hint") if self.kind == "controlnet" else None
         self._text = None
+
+    # what the run is (read from it, not copied)
+    config = property(lambda self: self.run.config)
+    state = property(lambda self: self.run.state)
+    kind = property(lambda self: self.run.kind)
+    num_classes = property(lambda self: self.run.num_classes)
+    shape = property(lambda self: self.run.data_shape)
+    is_classifier = property(lambda self: self.kind == "classifier")
+
+    @property
+    def hint(self) -> str | None:
+        """The hint a ControlNet run was trained with ("edges", "mask"), else None."""
+        return self.config["model"].get("hint") if self.kind == "controlnet" else None
 
     def __repr__(self) -> str:
         s = self.run.sampling
@@ -175,8 +181,7 @@ class Model:
             raise UsageError(f"sampler {cfg['sampler']!r} runs a tuned coefficient table: pass "
                              "table= and its sigmas= (the CLI: --sigmas FILE from 'sfumato "
                              "optimize-grid --tune')")
-        if sigmas is not None:
-            check_finite("sigmas", [float(s) for s in torch.as_tensor(sigmas).reshape(-1)])
+        if sigmas is not None:  # checked (decreasing, finite, ending in 0) by samplers.sample
             cfg["sigmas"] = torch.as_tensor(sigmas, dtype=torch.float64)
         else:
             cfg["sigmas"] = get_sigmas(cfg["grid"], int(cfg["steps"]),

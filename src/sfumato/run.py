@@ -45,7 +45,8 @@ from .train.checkpoint import (
     load_checkpoint,
 )
 
-__all__ = ["KINDS", "Run", "RunRef", "run_kind", "build_network", "build_denoiser",
+__all__ = ["KINDS", "Run", "RunRef", "run_kind", "network_config", "build_network",
+           "build_denoiser",
            "resolve_ref"]
 
 #: The kinds of run, and what each one is. The first four exist; the others are the run kinds
@@ -78,16 +79,22 @@ def run_kind(config: Mapping[str, Any]) -> str:
     return "diffusion"
 
 
-def build_network(model_cfg: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
-    """The raw network of a run's ``model`` config section; ``num_classes`` (the data set's,
-    recorded in the run's state) makes a ``"conditional": true`` network class-conditional."""
-    from .nets import build_net
-
+def network_config(model_cfg: Mapping[str, Any], num_classes: int | None = None
+                   ) -> dict[str, Any]:
+    """The network builder's config of a run's ``model`` section: ``num_classes`` (the data
+    set's, recorded in the run's state) in place of ``"conditional": true``."""
     cfg = dict(model_cfg)
     cfg.pop("conditional", None)
     if num_classes:
         cfg["num_classes"] = int(num_classes)
-    return build_net(cfg)
+    return cfg
+
+
+def build_network(model_cfg: Mapping[str, Any], num_classes: int | None = None) -> nn.Module:
+    """The raw network of a run's ``model`` config section (see :func:`network_config`)."""
+    from .nets import build_net
+
+    return build_net(network_config(model_cfg, num_classes))
 
 
 def build_denoiser(net: nn.Module | Callable, obj_cfg: Mapping[str, Any]) -> nn.Module:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, RunReferenceError, TrainingError
 from ..files import atomic_write
-from ..run import Run, build_denoiser, build_network
+from ..run import Run, build_denoiser, build_network, network_config
 from ..runtime import default_device
 from .checkpoint import (
     find_checkpoint,
@@ -157,10 +157,7 @@ class Trainer:
         if model_cfg["type"] != "controlnet" or not isinstance(model_cfg.get("base"), str):
             return None
         base = Run(model_cfg["base"])
-        base_model = dict(base.config["model"])
-        base_model.pop("conditional", None)
-        if base.num_classes:
-            base_model["num_classes"] = base.num_classes
+        base_model = network_config(base.config["model"], base.num_classes)
         if base_model.get("type") != "unet":
             raise ConfigError(f"a ControlNet needs a U-Net base; {base.path} holds a "
                               f"{base_model.get('type')!r} network")
