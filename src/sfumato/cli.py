@@ -104,6 +104,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from .distill import distill
+
+    summary = distill(args.teacher, args.method, out=args.out, config=args.config,
+                      steps=args.steps, progress=not args.no_progress)
+    print(f"distilled to step {summary['steps']} in {summary['seconds']:.0f} s "
+          f"({summary['train_cpu_seconds'] / 60:.1f} CPU-minutes); checkpoint in "
+          f"{Path(args.out) / 'checkpoint'}; sample it with 'sfumato sample {args.out} "
+          "--out FILE.png'")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -320,6 +332,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
+
+    from .distill import DEFAULT_METHOD, METHODS
+
+    p = sub.add_parser("distill", help="distil a trained run into a 1-4 step student",
+                       description="Distil the diffusion run TEACHER into a few-step student "
+                                   "run in DIR (sfumato.distill); running the same command "
+                                   "again resumes it. Sample the student with 'sfumato sample "
+                                   "DIR' (its own few-step sampler, 1 step by default).")
+    p.add_argument("teacher", metavar="TEACHER", help="the teacher's run directory")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS),
+                   help="distillation method (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="DIR", help="the student's run directory")
+    p.add_argument("--config", default=None, metavar="FILE.json",
+                   help="overrides of the student's config: any run config section, the "
+                        "method's settings in 'distill'")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="training steps (default: the method's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_distill)
 
     from .samplers import SAMPLERS, TABLE_SAMPLERS
 

@@ -45,6 +45,8 @@ __all__ = [
     "edm_precond",
     "Denoiser",
     "EDMDenoiser",
+    "ConsistencyDenoiser",
+    "consistency_precond",
     "as_sigma",
     "discrete_eps_denoiser",
 ]
@@ -197,6 +199,35 @@ class EDMDenoiser(Denoiser):
 
     def __init__(self, net: nn.Module | Callable, sigma_data: float = 0.5) -> None:
         super().__init__(net, target="edm", sigma_data=sigma_data)
+
+
+def consistency_precond(sigma: torch.Tensor, sigma_min: float = 0.002,
+                        sigma_data: float = 0.5) -> tuple[torch.Tensor, ...]:
+    """Consistency-model preconditioning (Song et al. 2023, App. C, eq. 21 with the σ-space
+    of EDM): ``c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2)``, ``c_out = sd (sigma -
+    sigma_min) / sqrt(sigma^2 + sd^2)``, EDM's c_in and c_noise. At sigma = sigma_min,
+    c_skip = 1 and c_out = 0 exactly: the boundary condition f(x, sigma_min) = x holds for
+    every network. For sigma_min -> 0 it is EDM's preconditioning, so a student starts from
+    its EDM teacher's weights."""
+    sd2 = sigma_data**2
+    c_skip = sd2 / ((sigma - sigma_min) ** 2 + sd2)
+    c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sd2).sqrt()
+    c_in = 1 / (sigma**2 + sd2).sqrt()
+    return c_skip, c_out, c_in, sigma.log() / 4
+
+
+class ConsistencyDenoiser(Denoiser):
+    """A consistency function ``f(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` with the
+    boundary condition built in (:func:`consistency_precond`). Called like a denoiser; its
+    output is the end of the PF-ODE trajectory through (x, sigma), not the posterior mean."""
+
+    def __init__(self, net: nn.Module | Callable, sigma_min: float = 0.002,
+                 sigma_data: float = 0.5) -> None:
+        super().__init__(net, target="edm", sigma_data=sigma_data)
+        self.sigma_min = float(sigma_min)
+
+    def precondition(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return consistency_precond(sigma, self.sigma_min, self.sigma_data)
 
 
 def discrete_eps_denoiser(net: nn.Module | Callable, process: VPDiscrete | None = None,

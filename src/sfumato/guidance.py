@@ -31,7 +31,7 @@ from .errors import UsageError
 
 Denoiser = Callable[..., torch.Tensor]
 
-__all__ = ["ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance", "NoisyClassifier",
+__all__ = ["GuidanceInput", "ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance", "NoisyClassifier",
            "in_interval"]
 
 
@@ -134,6 +134,20 @@ class ClassifierFreeGuidance(nn.Module):
                 1e-12)
             guided = self.rescale * guided * ratio + (1 - self.rescale) * guided
         return torch.where(_per_sample(active, dc).bool(), guided, dc)
+
+
+class GuidanceInput(nn.Module):
+    """A denoiser whose network takes the guidance scale as an input (a guided student,
+    :mod:`sfumato.distill.guided`) at scale w: ``D(x, sigma, **cond, guidance_scale=w)``, one
+    pass."""
+
+    def __init__(self, denoiser: Denoiser, scale: float) -> None:
+        super().__init__()
+        self.denoiser, self.scale = denoiser, float(scale)
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:
+        w = torch.full((x.shape[0],), self.scale, dtype=x.dtype, device=x.device)
+        return self.denoiser(x, sigma, **cond, guidance_scale=w)
 
 
 class AutoGuidance(nn.Module):

@@ -79,6 +79,12 @@ class Model:
     is_classifier = property(lambda self: self.kind == "classifier")
 
     @property
+    def takes_guidance(self) -> bool:
+        """Whether the network takes the guidance scale as an input (a guided student,
+        :mod:`sfumato.distill.guided`)."""
+        return self.config["model"].get("type") == "guidance_embedded"
+
+    @property
     def hint(self) -> str | None:
         """The hint a ControlNet run was trained with ("edges", "mask"), else None."""
         return self.config["model"].get("hint") if self.kind == "controlnet" else None
@@ -134,6 +140,8 @@ class Model:
                                  "take the same conditioning as this one")
             return G.AutoGuidance(self.denoiser, autoguide.denoiser, guidance,
                                   sigma_interval=interval)
+        if self.takes_guidance:  # a guided student: w is an input, one pass
+            return G.GuidanceInput(self.denoiser, guidance)
         if guidance == 1.0:
             return self.denoiser
         if not (self.num_classes or self.text):
@@ -357,7 +365,7 @@ def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
     rows, data, used_guidance = [], None, None
     for ck in Run(path).checkpoints(every):
         run = Run(ck)
-        if run.kind not in ("diffusion", "text", "controlnet") or len(run.data_shape or ()) != 3:
+        if run.kind not in ("diffusion", "text", "controlnet", "student") or len(run.data_shape or ()) != 3:
             raise UsageError(f"evaluate scores image models (FD in a classifier's features); "
                              f"{path} is a {run.kind} run of data shape {run.data_shape}")
         result = load(run).sample(n, seed=seed, sampler=sampler, steps=steps,

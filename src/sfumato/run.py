@@ -68,8 +68,8 @@ WEIGHTS_STEM = "ema"  # what sampling uses and what references hash
 
 def run_kind(config: Mapping[str, Any]) -> str:
     """The kind of run (a key of :data:`KINDS`) a full run config describes."""
-    if config.get("kind"):
-        return str(config["kind"])
+    if (config.get("distill") or {}).get("method"):
+        return "student"
     if config["objective"]["target"] == "classifier":
         return "classifier"
     if config["model"].get("type") == "controlnet":
@@ -104,8 +104,11 @@ def build_denoiser(net: nn.Module | Callable, obj_cfg: Mapping[str, Any]) -> nn.
         from .guidance import NoisyClassifier
 
         return NoisyClassifier(net, obj_cfg["sigma_data"])
-    from .denoiser import Denoiser
+    from .denoiser import ConsistencyDenoiser, Denoiser
     from .process import get_process
+
+    if obj_cfg["target"] == "consistency":
+        return ConsistencyDenoiser(net, obj_cfg.get("sigma_min") or 0.002, obj_cfg["sigma_data"])
 
     process = None
     if obj_cfg.get("process"):
@@ -255,6 +258,13 @@ class Run:
                  ("classes", str(self.num_classes)), ("sampling", str(self.sampling))]
         for role, ref in self.refs.items():
             lines.append((role, f"{ref.path} ({ref_status(self.dir, ref)})"))
+        if self.kind == "student":
+            d, s = c["distill"], self.sampling
+            settings = ", ".join(f"{k} {v}" for k, v in d.items() if k != "method")
+            lines.append(("distilled", f"method {d['method']} ({settings}); student of the "
+                                       "teacher above"))
+            lines.append(("recommended", f"{s['steps']} step(s) of {s['sampler']} "
+                                         "('sfumato sample DIR --steps K' for others)"))
         if self.state.get("losses"):
             lines.append(("last loss", f"{self.state['losses'][-1][1]:.4f}"))
         metrics = self.dir / "metrics.json"
@@ -263,10 +273,16 @@ class Run:
         return lines
 
 
+def _referent_path(referrer_dir: str | os.PathLike, ref: RunRef) -> Path:
+    """Where ``ref`` points from ``referrer_dir`` (which need not exist yet: a run about to be
+    trained on its referent)."""
+    return Path(os.path.normpath(Path(referrer_dir).resolve() / ref.path))
+
+
 def resolve_ref(referrer_dir: str | os.PathLike, ref: RunRef, role: str = "referenced") -> Run:
     """The run ``ref`` points to from ``referrer_dir``; :class:`RunReferenceError` when it is
     missing or its weights changed since the reference was recorded."""
-    where = Path(referrer_dir) / ref.path
+    where = _referent_path(referrer_dir, ref)
     try:
         run = Run(where)
     except CheckpointError as e:
@@ -286,7 +302,7 @@ def ref_status(referrer_dir: str | os.PathLike, ref: RunRef) -> str:
     """``"ok"``, ``"changed"`` (other weights) or ``"missing"`` (no readable run there): what
     :func:`resolve_ref` would find."""
     try:
-        run = Run(Path(referrer_dir) / ref.path)
+        run = Run(_referent_path(referrer_dir, ref))
     except CheckpointError:
         return "missing"
     return "ok" if run.weights_sha256() == ref.sha256 else "changed"

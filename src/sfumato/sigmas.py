@@ -36,6 +36,7 @@ from .process import Process, VPDiscrete
 
 __all__ = [
     "karras",
+    "nested",
     "loglinear",
     "polyexponential",
     "uniform_t",
@@ -78,6 +79,15 @@ def karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
                                                                                  dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _finish((hi + ramp * (lo - hi)) ** rho, final_zero)
+
+
+def nested(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0,
+           final_zero: bool = True) -> torch.Tensor:
+    """Karras et al.'s rho-grid with n + 1 levels, the last (sigma_min) replaced by 0: levels
+    ``(smax^(1/rho) + i/n (smin^(1/rho) - smax^(1/rho)))^rho``, i = 0..n-1, then 0. Grids
+    nest: every other level of the 2n-step grid is the n-step grid, which is what
+    progressive distillation needs (each student step spans two teacher steps)."""
+    return _finish(karras(n + 1, sigma_min, sigma_max, rho, final_zero=False)[:-1], final_zero)
 
 
 def loglinear(n: int, sigma_min: float, sigma_max: float, final_zero: bool = True) -> torch.Tensor:
@@ -243,6 +253,7 @@ def gaussian_cov(n: int, sigma_min: float, sigma_max: float, *,
 #: ``linspace`` are :func:`discrete` with that spacing (diffusers' ``timestep_spacing``).
 GRIDS: dict[str, Callable[..., torch.Tensor]] = {
     "karras": karras,
+    "nested": nested,
     "loglinear": loglinear,
     "polyexponential": polyexponential,
     "uniform_t": uniform_t,

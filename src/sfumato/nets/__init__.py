@@ -37,6 +37,7 @@ from .classifier import EncoderClassifier
 from .controlnet import ControlledUNet, ControlNet
 from .diffusers_adapter import DiffusersUNet
 from .dit import DiT
+from .guidance_embedded import GuidanceEmbedded
 from .embedding import ConditionEmbedding, FourierEmbedding, NoiseEmbedding, PositionalEmbedding
 from .mlp import MLP
 from .text import TextConditioned
@@ -80,12 +81,12 @@ def build_net(cfg: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"net config needs a 'type', one of {sorted(NETS)}; got keys "
                           f"{sorted(cfg)}")
     kind = cfg["type"]
-    if kind not in NETS and kind != "controlnet":
+    if kind not in NETS and kind not in WRAPPERS:
         raise ConfigError(f"unknown net type {kind!r}{did_you_mean(kind, NETS)}; choose one of "
                           f"{sorted(NETS)}")
     kwargs = {k: v for k, v in cfg.items() if k != "type"}
-    if kind == "controlnet":
-        return _build_controlled(kwargs)
+    if kind in WRAPPERS:
+        return WRAPPERS[kind](kwargs)
     cls = NETS[kind]
     check_kwargs(f"{kind!r} net config", cls.__init__, kwargs)
     return cls(**kwargs)
@@ -105,6 +106,27 @@ def _build_controlled(kwargs: dict[str, Any]) -> nn.Module:
     check_kwargs("'controlnet' net config", ControlNet.__init__, kw,
                  skip=("self", "base"))
     return ControlledUNet(build_net(base_cfg), **kw)
+
+
+def _build_guidance_embedded(kwargs: dict[str, Any]) -> nn.Module:
+    """``{"type": "guidance_embedded", "base": {network config}, "features": 32}`` -> a
+    :class:`GuidanceEmbedded` (``num_classes``, as :func:`sfumato.run.network_config` adds it,
+    goes to the base)."""
+    kw = dict(kwargs)
+    base_cfg = kw.pop("base", None)
+    if not isinstance(base_cfg, Mapping):
+        raise ConfigError("a 'guidance_embedded' net config needs 'base': the network's config")
+    base_cfg = {k: v for k, v in base_cfg.items() if k != "conditional"}
+    if kw.get("num_classes"):
+        base_cfg["num_classes"] = kw.pop("num_classes")
+    kw.pop("num_classes", None)
+    check_kwargs("'guidance_embedded' net config", GuidanceEmbedded.__init__, kw,
+                 skip=("self", "base"))
+    return GuidanceEmbedded(build_net(base_cfg), **kw)
+
+
+#: networks built around another one given as ``base``
+WRAPPERS = {"controlnet": _build_controlled, "guidance_embedded": _build_guidance_embedded}
 
 
 def count_params(net: nn.Module, trainable_only: bool = False) -> int:

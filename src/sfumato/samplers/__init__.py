@@ -14,6 +14,7 @@ from collections.abc import Callable
 from ..errors import UsageError, did_you_mean
 from ._api import SAMPLING_DEFAULTS, initial_noise, sample, sample_from
 from .adaptive import sample_rk45
+from .consistency import sample_consistency
 from .dpm import (
     sample_dpm_solver_2,
     sample_dpm_solver_3,
@@ -60,12 +61,13 @@ SAMPLERS: dict[str, Callable] = {
     "euler_maruyama": sample_euler_maruyama,
     "pc": sample_pc,
     "rk45": sample_rk45,
+    "consistency": sample_consistency,
 }
 
 #: samplers that draw noise (given their default parameters)
 STOCHASTIC: frozenset[str] = frozenset(
     {"euler_ancestral", "ddpm", "dpmpp_2m_sde", "dpmpp_3m_sde",
-     "dpmpp_2s_ancestral", "euler_maruyama", "pc"}
+     "dpmpp_2s_ancestral", "euler_maruyama", "pc", "consistency"}
 )
 
 

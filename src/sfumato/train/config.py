@@ -57,9 +57,10 @@ DEFAULTS: dict[str, Any] = {
         "guidance": 1.0,            # default guidance scale of 'sfumato sample' / Model.sample
     },
     "refs": {},                     # runs this one is built from (written by the trainer)
+    "distill": {},                  # a student's method and its settings (sfumato.distill)
 }
 
-FREE_SECTIONS = ("data", "model", "refs")  # checked by the data / network builders, sfumato.run
+FREE_SECTIONS = ("data", "model", "refs", "distill")  # checked by data / network builders, run, distill
 
 
 def merge(base: dict, override: dict) -> dict:

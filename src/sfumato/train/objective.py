@@ -67,6 +67,10 @@ class Objective:
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"unknown weighting {self.weighting!r}; choose one of {WEIGHTINGS}")
 
+    def at_step(self, step: int) -> None:
+        """Called before optimizer step ``step``; a fixed objective has nothing to update
+        (distillation curricula do, :mod:`sfumato.distill`)."""
+
     def sample_sigma(self, n: int, denoiser: Denoiser, *, generator: torch.Generator,
                      device: torch.device | str = "cpu") -> torch.Tensor:
         """Draw n training noise levels, shape (n,), float32."""

@@ -129,7 +129,12 @@ class Trainer:
         if base_weights is not None:
             self.net.base.load_state_dict(base_weights)
         self.denoiser = build_denoiser(self.net, self.cfg["objective"])
-        self.objective = build_objective(self.cfg["objective"])
+        if self.cfg["distill"]:  # a student: the method's loss around its teacher
+            from ..distill import build_objective as build_distill_objective
+
+            self.objective = build_distill_objective(self)
+        else:
+            self.objective = build_objective(self.cfg["objective"])
         self.ema = build_ema(self.net, tc["ema"]).to(self.device)
         self.opt = torch.optim.AdamW([p for p in self.net.parameters() if p.requires_grad],
                                      lr=tc["lr"], betas=tuple(tc["betas"]),
@@ -213,8 +218,9 @@ class Trainer:
         ck = find_checkpoint(self.out)
         if ck is None:
             return
+        extra = hasattr(self.objective, "extra_state")
         tensors, state, saved_cfg = load_checkpoint(
-            ck, stems=("model", "ema", "optimizer", "rng"))
+            ck, stems=("model", "ema", "optimizer", "rng") + (("objective",) if extra else ()))
         for role, ref in (saved_cfg.get("refs") or {}).items():
             now = self.cfg["refs"].get(role)
             if now is None or now["sha256"] != ref["sha256"]:
@@ -223,7 +229,7 @@ class Trainer:
                     f"with weights SHA-256 {ref['sha256'][:12]}...; that run has changed since "
                     f"(now {now and now['sha256'][:12]}...). Restore it, or start a new --out "
                     "directory on the new one")
-        for sec in ("data", "model", "objective"):
+        for sec in ("data", "model", "objective", "distill"):
             if saved_cfg.get(sec) != self.cfg[sec]:
                 raise ConfigError(
                     f"{self.out} holds a run with a different '{sec}' config; resume it with "
@@ -232,6 +238,8 @@ class Trainer:
         self.net.load_state_dict(tensors["model"])
         self.ema.module.load_state_dict(tensors["ema"])
         self.opt.load_state_dict(optimizer_from_flat(tensors["optimizer"], state["optimizer"]))
+        if extra:  # an objective with state of its own (a DMD fake denoiser and optimizer)
+            self.objective.load_extra_state(tensors["objective"], state["objective"])
         rng = tensors["rng"]
         self.g_data.set_state(rng["data"])
         self.g_noise.set_state(rng["noise"])
@@ -258,10 +266,12 @@ class Trainer:
                  "losses": self.losses, "world_size": self.world,
                  "num_classes": self.num_classes, "data_shape": list(self.x_train.shape[1:]),
                  "train_cpu_seconds": self.cpu_seconds, "time": time.time()}
-        return save_checkpoint(self.out, tensors={
-            "model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
-            "optimizer": opt_t, "rng": rng}, state=state, config=self.cfg,
-            keep_last=self.cfg["train"]["keep_last"])
+        tensors = {"model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
+                   "optimizer": opt_t, "rng": rng}
+        if hasattr(self.objective, "extra_state"):
+            tensors["objective"], state["objective"] = self.objective.extra_state()
+        return save_checkpoint(self.out, tensors=tensors, state=state, config=self.cfg,
+                               keep_last=self.cfg["train"]["keep_last"])
 
     def _checkpoint_status(self) -> str:
         """What a stopped run leaves on disk, in words."""
@@ -297,6 +307,7 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step over the global batch; returns the mean loss (nan if skipped)."""
         tc = self.cfg["train"]
+        self.objective.at_step(self.step)
         x0, cond, sigma, noise = self._global_batch()
         b = x0.shape[0] // self.world
         sl = slice(self.rank * b, (self.rank + 1) * b)
