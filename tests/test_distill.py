@@ -52,7 +52,7 @@ def test_progressive_two_to_one_target_lands_where_the_teacher_does(gm):
                      for k in range(3))
         x2 = ddim_step(gm, ddim_step(gm, x, t, t1), t1, t2)
         x0 = two_to_one_target(x, x2, t, t2)
-        student_step = ddim_step(lambda *a: x0, x, t, t2)  # one DDIM step with that x0
+        student_step = ddim_step(lambda *a, x0=x0: x0, x, t, t2)  # one DDIM step to x0
         torch.testing.assert_close(student_step, x2, rtol=1e-12, atol=1e-12)
 
 
@@ -291,3 +291,29 @@ def test_cli_distill_sample_info(teacher, tmp_path, capsys):
     assert cli.main(["distill", str(teacher), "--method", "guided", "--out", str(out),
                      "--steps", "2"]) == 2  # another method into the same run: refused
     assert "different" in capsys.readouterr().err
+
+
+def test_two_process_ddp_distillation_equals_one_process(teacher, tmp_path):
+    """torchrun: 2 processes with the global batch split give the 1-process student."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys; import sfumato; sfumato.distill(sys.argv[1], 'consistency', "
+            "out=sys.argv[2], steps=3, config=json.loads(sys.argv[3]), progress=False)")
+    cfg = json.dumps({**QUICK, "train": {**QUICK["train"], "checkpoint_every": 0}})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "-c", code, str(teacher), str(one), cfg], env=env,
+                   check=True, timeout=300, capture_output=True)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29519", "--no-python", sys.executable, "-c", code, str(teacher), str(two), cfg],
+                       env=env, timeout=300, capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    a = load_file(str(one / "checkpoint" / "model.safetensors"))
+    b = load_file(str(two / "checkpoint" / "model.safetensors"))
+    moved = False
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+        moved |= not torch.equal(a[k], Run(teacher).weights()[k])
+    assert moved, "the student did not train"

@@ -73,7 +73,8 @@ def test_kinds():
     assert run_kind({**cfg, "text": {"encoder": "tiny"}}) == "text"
     assert run_kind({**cfg, "model": {"type": "controlnet"}}) == "controlnet"
     assert run_kind({**cfg, "objective": {"target": "classifier"}}) == "classifier"
-    assert run_kind({**cfg, "kind": "student"}) == "student"
+    assert run_kind({**cfg, "distill": {"method": "consistency"}}) == "student"
+    assert run_kind({**cfg, "distill": {}}) == "diffusion"
 
 
 def test_defaults_live_in_one_place():

@@ -9,13 +9,15 @@ functions), :mod:`sfumato.likelihood`, :mod:`sfumato.mixture` (exact Gaussian-mi
 :mod:`sfumato.accuracy` (convergence and distribution checks), :mod:`sfumato.nets`,
 :mod:`sfumato.data`, :mod:`sfumato.metrics`, :mod:`sfumato.train`.
 
-High level: ``sfumato.train(config, out=DIR)``, ``model = sfumato.load(DIR)``,
+High level: ``sfumato.train(config, out=DIR)``, ``sfumato.distill(DIR, method, out=STUDENT)``
+(:mod:`sfumato.distill`), ``model = sfumato.load(DIR)``,
 ``model.sample(n, sampler=..., steps=..., seed=...).x``; :mod:`sfumato.run` owns what a run
 directory is (:class:`Run`), :func:`sfumato.evaluate` scores one.
 """
 
 from . import denoiser, mixture, process, samplers, sigmas
 from .denoiser import Denoiser, EDMDenoiser
+from . import distill  # the package, callable: sfumato.distill(teacher, method, out=...)
 from .errors import SfumatoError
 from .model import Model, Samples, evaluate, load
 from .run import Run
@@ -32,6 +34,7 @@ __all__ = [
     "evaluate",
     "load",
     "train",
+    "distill",
     "sample",
     "Denoiser",
     "EDMDenoiser",

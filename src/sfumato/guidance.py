@@ -31,8 +31,8 @@ from .errors import UsageError
 
 Denoiser = Callable[..., torch.Tensor]
 
-__all__ = ["GuidanceInput", "ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance", "NoisyClassifier",
-           "in_interval"]
+__all__ = ["GuidanceInput", "ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance",
+           "NoisyClassifier", "in_interval"]
 
 
 def in_interval(sigma: torch.Tensor | float, batch: int, interval: tuple[float, float] | None,

@@ -365,7 +365,8 @@ def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
     rows, data, used_guidance = [], None, None
     for ck in Run(path).checkpoints(every):
         run = Run(ck)
-        if run.kind not in ("diffusion", "text", "controlnet", "student") or len(run.data_shape or ()) != 3:
+        image_kinds = ("diffusion", "text", "controlnet", "student")
+        if run.kind not in image_kinds or len(run.data_shape or ()) != 3:
             raise UsageError(f"evaluate scores image models (FD in a classifier's features); "
                              f"{path} is a {run.kind} run of data shape {run.data_shape}")
         result = load(run).sample(n, seed=seed, sampler=sampler, steps=steps,

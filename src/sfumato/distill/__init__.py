@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+import types
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, UsageError, did_you_mean
@@ -149,18 +150,24 @@ def distill(teacher: str | os.PathLike | Run, method: str = DEFAULT_METHOD, *,
     continues a killed run exactly. ``config``: a JSON file or dict of overrides (any run
     config section; the method's settings in ``distill``); ``steps``: train.steps. Returns
     the trainer's summary."""
-    import json
-
+    from ..train.config import read_config_file
     from ..train.trainer import Trainer
 
     if isinstance(config, (str, os.PathLike)):
-        p = Path(config)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        try:
-            config = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+        config = read_config_file(config)
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError("a distillation config must be a JSON object of config sections")
     run = teacher if isinstance(teacher, Run) else Run(teacher)
     cfg = student_config(run, method, out, config, steps)
     return Trainer(cfg, out, **trainer_kwargs).run()
+
+
+class _CallableModule(types.ModuleType):
+    """``sfumato.distill`` is this package and, called, :func:`distill`: both
+    ``sfumato.distill(teacher, method, out=...)`` and ``sfumato.distill.METHODS`` work."""
+
+    def __call__(self, *args, **kwargs) -> dict[str, Any]:
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

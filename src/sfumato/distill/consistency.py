@@ -80,10 +80,10 @@ class ConsistencyDistillation(ConsistencyObjective):
         "huber_c": None,                # pseudo-Huber c; None: 0.00054 sqrt(dim)
     }
     TRAIN: ClassVar[dict[str, Any]] = {"lr": 2e-4, "warmup_steps": 0, "schedule": "constant",
-                                       "steps": 2000, "ema": {"kind": "classic",
+                                       "steps": 3300, "ema": {"kind": "classic",
                                                               "decay": 0.999}}
     SAMPLE: ClassVar[dict[str, Any]] = {"sampler": "consistency", "steps": 1, "grid": "karras",
-                                        "sigma_min": 0.8, "sigma_max": 80.0}
+                                        "sigma_min": 2.5, "sigma_max": 80.0}
 
     def lower_point(self, x0, xt, t, r, noise, cond):
         return heun_step(self.teacher, xt, t, r, **cond)

@@ -63,7 +63,7 @@ class ConsistencyTraining(ConsistencyObjective):
                                        "steps": 4000, "ema": {"kind": "classic",
                                                               "decay": 0.999}}
     SAMPLE: ClassVar[dict[str, Any]] = {"sampler": "consistency", "steps": 1, "grid": "karras",
-                                        "sigma_min": 0.8, "sigma_max": 80.0}
+                                        "sigma_min": 2.5, "sigma_max": 80.0}
 
     @property
     def init_from_teacher(self) -> bool:

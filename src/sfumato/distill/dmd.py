@@ -2,9 +2,13 @@
 matching distillation", DMD; and "Improved distribution matching distillation", DMD2).
 
 A one-step generator ``G(z) = f(sigma_max z, sigma_max)`` (the student, in the consistency
-parameterisation, so its multistep sampling works as for a consistency model) is moved so
-that its samples' distribution matches the data's as the teacher sees it. At a level t drawn
-at random, with x_t = G(z) + t eps, the KL gradient is the difference of two scores
+parameterisation) is moved so that its samples' distribution matches the data's as the teacher
+sees it. For multistep sampling (re-noise and map again, as for a consistency model) the
+generator is also trained at the re-noising levels of the 1-, 2- and 4-step grids, its input
+there a data point noised to that level (DMD2 §4.5, without its backward simulation).
+
+At a level t drawn at random, with x_t = G(z) + t eps, the KL gradient is the difference of
+two scores
 (DMD eq. 7), written with x0 predictions since ``score = (D - x) / t^2``::
 
     grad_G = (D_fake(x_t, t) - D_real(x_t, t)) / mean|G(z) - D_real(x_t, t)|    (eq. 8 weight)
@@ -29,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..denoiser import as_sigma
+from ..sigmas import get_sigmas
 from ..train.objective import Objective
 from ._common import DistillObjective, pseudo_huber
 
@@ -43,12 +48,13 @@ class DistributionMatching(DistillObjective):
         "t_min": 0.02, "t_max": 80.0,   # the levels the scores are compared at
         "reg_weight": 0.25,       # DMD's regression loss; 0 = DMD2
         "n_pairs": 2048,          # noise/sample pairs for it
+        "levels": None,           # generator input levels; None: those of 1, 2, 4 steps
     }
     TRAIN: ClassVar[dict[str, Any]] = {"lr": 1e-4, "warmup_steps": 0, "schedule": "constant",
                                        "steps": 1500, "betas": [0.0, 0.99],
                                        "ema": {"kind": "classic", "decay": 0.99}}
     SAMPLE: ClassVar[dict[str, Any]] = {"sampler": "consistency", "steps": 1, "grid": "karras",
-                                        "sigma_min": 0.8, "sigma_max": 80.0}
+                                        "sigma_min": 2.5, "sigma_max": 80.0}
 
     def bind(self, trainer) -> None:
         super().bind(trainer)
@@ -62,6 +68,11 @@ class DistributionMatching(DistillObjective):
         self.world, self.device = trainer.world, trainer.device
         self.shape = tuple(trainer.x_train.shape[1:])
         self.pairs = None
+        sc = trainer.cfg["sample"]
+        levels = self.s["levels"] or sorted({round(float(v), 6) for k in (1, 2, 4) for v in
+                                             get_sigmas(sc["grid"], k, sigma_min=sc["sigma_min"],
+                                                        sigma_max=sc["sigma_max"])[:-1]})
+        self.levels = torch.tensor(levels, dtype=torch.float32)
 
     # -- checkpointed state --------------------------------------------------------------
     def extra_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -99,8 +110,9 @@ class DistributionMatching(DistillObjective):
     def loss(self, student, x0, *, generator, sigma=None, noise=None, **cond) -> torch.Tensor:
         b, t = x0.shape[0], sigma.to(x0.device)
         z = torch.randn(x0.shape, generator=generator, device=generator.device).to(x0.device)
-        smax = torch.full((b,), self.sigma_max, device=x0.device)
-        x_g = student(self.sigma_max * z, smax, **cond)
+        pick = torch.randint(0, len(self.levels), (b,), generator=generator)
+        s_in = self.levels[pick].to(x0.device)
+        x_g = student(x0 + as_sigma(s_in, x0) * z, s_in, **cond)
         self.update_fake(x_g.detach(), cond, generator)
         with torch.no_grad():
             x_t = x_g + as_sigma(t, x_g) * noise

@@ -54,7 +54,7 @@ class ProgressiveDistillation(DistillObjective):
 
     SETTINGS: ClassVar[dict[str, Any]] = {"start_steps": 64, "end_steps": 1}
     TRAIN: ClassVar[dict[str, Any]] = {"lr": 2e-4, "warmup_steps": 0, "schedule": "constant",
-                                       "steps": 1800, "ema": {"kind": "classic",
+                                       "steps": 3000, "ema": {"kind": "classic",
                                                               "decay": 0.99}}
     SAMPLE: ClassVar[dict[str, Any]] = {"sampler": "euler", "grid": "nested",
                                         "sigma_min": 0.002, "sigma_max": 80.0}

@@ -37,8 +37,8 @@ from .classifier import EncoderClassifier
 from .controlnet import ControlledUNet, ControlNet
 from .diffusers_adapter import DiffusersUNet
 from .dit import DiT
-from .guidance_embedded import GuidanceEmbedded
 from .embedding import ConditionEmbedding, FourierEmbedding, NoiseEmbedding, PositionalEmbedding
+from .guidance_embedded import GuidanceEmbedded
 from .mlp import MLP
 from .text import TextConditioned
 from .unet import UNet

@@ -60,7 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "distill": {},                  # a student's method and its settings (sfumato.distill)
 }
 
-FREE_SECTIONS = ("data", "model", "refs", "distill")  # checked by data / network builders, run, distill
+#: sections checked by the data and network builders, sfumato.run and sfumato.distill
+FREE_SECTIONS = ("data", "model", "refs", "distill")
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -89,18 +90,23 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+def read_config_file(path: str | os.PathLike) -> Any:
+    """The JSON in a config file; a clear error when it is missing or not JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+
+
 def load_config(cfg: str | os.PathLike | dict | None) -> dict:
     """A full config from a JSON file path, a dict of overrides, or None (all defaults)."""
     if cfg is None:
         return copy.deepcopy(DEFAULTS)
     if isinstance(cfg, (str, os.PathLike)):
-        p = Path(cfg)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
-        try:
-            cfg = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid JSON: {e}") from None
+        cfg = read_config_file(cfg)
     if not isinstance(cfg, dict):
         raise ConfigError("a config must be a JSON object / dict")
     return merge(DEFAULTS, cfg)
