@@ -18,6 +18,7 @@ method, ``OUT/<method>.png`` (2 steps, one row per class).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -30,12 +31,15 @@ from sfumato.distill import METHODS
 from sfumato.files import write_json_atomic
 from sfumato.imageio import save_grid
 from sfumato.metrics import evaluate_images
+from sfumato.sigmas import get_sigmas
 
 #: the teacher's training-free samplers tried at each NFE (the best one is reported):
-#: (sampler, steps) pairs that cost exactly that many denoiser calls
+#: (sampler, steps) pairs that cost exactly that many denoiser calls, each on Karras grids
+#: ending at each of GRID_ENDS (then 0: a high last level helps at few steps)
 BASELINES = {1: [("euler", 1)],
              2: [("euler", 2), ("dpmpp_2m", 2), ("unipc", 2)],
              4: [("euler", 4), ("dpmpp_2m", 4), ("unipc", 4), ("dpmpp_3m", 4)]}
+GRID_ENDS = (0.002, 0.3, 1.0, 2.5)
 NFES = (1, 2, 4)
 
 
@@ -52,9 +56,10 @@ def teacher_rows(teacher, data, n: int, seed: int, ref_seed: int) -> list[dict]:
     rows = []
     for nfe in NFES:
         best = None
-        for sampler, steps in BASELINES[nfe]:
-            out = teacher.sample(n, sampler=sampler, steps=steps, seed=seed)
-            r = {"method": f"teacher {sampler}", "nfe": nfe,
+        for (sampler, steps), end in itertools.product(BASELINES[nfe], GRID_ENDS):
+            sig = get_sigmas("karras", steps, sigma_min=end, sigma_max=80.0)
+            out = teacher.sample(n, sampler=sampler, sigmas=sig, seed=seed)
+            r = {"method": f"teacher {sampler} (karras to {end:g})", "nfe": nfe,
                  **score(out.x, out.labels, data, ref_seed)}
             if best is None or r["fd_ratio"] < best["fd_ratio"]:
                 best = r

@@ -13,7 +13,7 @@ from sfumato import cli
 from sfumato import sigmas as S
 from sfumato.accuracy import reference_ode, rms, sliced_wasserstein
 from sfumato.denoiser import ConsistencyDenoiser, consistency_precond, edm_precond
-from sfumato.distill import METHODS, distill, student_config
+from sfumato.distill import DEFAULT_METHOD, METHODS, distill, student_config
 from sfumato.distill._common import ict_levels, karras_levels, lognormal_pair_probs
 from sfumato.distill.consistency import ConsistencyDistillation
 from sfumato.distill.guided import guided_teacher
@@ -276,7 +276,7 @@ def test_cli_distill_sample_info(teacher, tmp_path, capsys):
     conf = tmp_path / "quick.json"
     conf.write_text(json.dumps(QUICK))
     assert cli.main(["distill", str(teacher), "--out", str(out), "--steps", "2", "--config",
-                     str(conf), "--no-progress"]) == 0
+                     str(conf), "--no-progress"]) == 0  # the default method
     assert "distilled to step 2" in capsys.readouterr().out
     assert cli.main(["sample", str(out), "--steps", "2", "--n", "4", "--class", "3", "--out",
                      str(tmp_path / "s.npz")]) == 0
@@ -287,7 +287,7 @@ def test_cli_distill_sample_info(teacher, tmp_path, capsys):
     assert cli.main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert "student" in info and "teacher:" in info and "(ok)" in info
-    assert "method consistency" in info and "1 step(s) of consistency" in info
+    assert f"method {DEFAULT_METHOD}" in info and "1 step(s) of consistency" in info
     assert cli.main(["distill", str(teacher), "--method", "guided", "--out", str(out),
                      "--steps", "2"]) == 2  # another method into the same run: refused
     assert "different" in capsys.readouterr().err

@@ -48,7 +48,7 @@ METHODS: dict[str, type[DistillObjective]] = {
 }
 
 #: the method that measures best on the demo teacher within 15 CPU-minutes (docs/distillation.md)
-DEFAULT_METHOD = "consistency"
+DEFAULT_METHOD = "ct"
 
 __all__ = ["METHODS", "DEFAULT_METHOD", "distill", "student_config", "build_objective"]
 

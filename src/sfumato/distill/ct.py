@@ -60,7 +60,7 @@ class ConsistencyTraining(ConsistencyObjective):
         "huber_c": None,
     }
     TRAIN: ClassVar[dict[str, Any]] = {"lr": 2e-4, "warmup_steps": 0, "schedule": "constant",
-                                       "steps": 4000, "ema": {"kind": "classic",
+                                       "steps": 1200, "ema": {"kind": "classic",
                                                               "decay": 0.999}}
     SAMPLE: ClassVar[dict[str, Any]] = {"sampler": "consistency", "steps": 1, "grid": "karras",
                                         "sigma_min": 2.5, "sigma_max": 80.0}
