@@ -307,7 +307,8 @@ def test_two_process_ddp_distillation_equals_one_process(teacher, tmp_path):
     subprocess.run([sys.executable, "-c", code, str(teacher), str(one), cfg], env=env,
                    check=True, timeout=300, capture_output=True)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", "29519", "--no-python", sys.executable, "-c", code, str(teacher), str(two), cfg],
+                        "--master_port", "29519", "--no-python", sys.executable, "-c", code,
+                        str(teacher), str(two), cfg],
                        env=env, timeout=300, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
     a = load_file(str(one / "checkpoint" / "model.safetensors"))

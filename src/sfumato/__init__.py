@@ -15,9 +15,9 @@ High level: ``sfumato.train(config, out=DIR)``, ``sfumato.distill(DIR, method, o
 directory is (:class:`Run`), :func:`sfumato.evaluate` scores one.
 """
 
-from . import denoiser, mixture, process, samplers, sigmas
+# distill is a package that is also callable: sfumato.distill(teacher, method, out=...)
+from . import denoiser, distill, mixture, process, samplers, sigmas
 from .denoiser import Denoiser, EDMDenoiser
-from . import distill  # the package, callable: sfumato.distill(teacher, method, out=...)
 from .errors import SfumatoError
 from .model import Model, Samples, evaluate, load
 from .run import Run
