@@ -107,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         student = sfumato.load(out)
         cpu = student.run.train_cpu_seconds / 60
         for k in NFES:
-            drawn = student.sample(args.n, steps=k, seed=args.seed)
+            # a progressive run keeps one student per step count: each round's checkpoint
+            at = student if method != "progressive" else sfumato.load(
+                METHODS[method].round_checkpoint(student.run, k))
+            drawn = at.sample(args.n, steps=k, seed=args.seed)
             rows.append({"method": method, "nfe": k, "cpu_min": cpu,
                          "wall_s": time.time() - t0,
                          **score(drawn.x, drawn.labels, data, args.ref_seed)})

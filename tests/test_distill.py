@@ -198,6 +198,10 @@ def test_every_method_makes_a_student_run_that_samples(teacher, tmp_path, method
     if method == "progressive":  # every round's checkpoint is kept
         assert {p.name for p in (out / "checkpoints").iterdir()} >= {"step-00000002",
                                                                      "step-00000004"}
+        pick = METHODS[method].round_checkpoint  # start_steps 4: a 2-step, then 1-step student
+        assert pick(run, 2).name == "step-00000002" and pick(run, 1).name == "step-00000004"
+        with pytest.raises(ConfigError, match="not 4"):
+            pick(run, 4)
 
 
 class _Killed(Exception):

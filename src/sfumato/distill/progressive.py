@@ -3,7 +3,7 @@ of diffusion models", Alg. 2).
 
 Rounds. The student starts as the teacher; in round k it learns to take with one DDIM step
 what its teacher takes with two, on the nested grid (:func:`sfumato.sigmas.nested`) of
-N_k = start_steps / 2^k student steps; at the end of the round it becomes the next round's
+N_k = start_steps / 2^(k+1) student steps; at the end of the round it becomes the next round's
 teacher, so the steps halve down to ``end_steps``. The round boundaries are checkpoints
 that the run keeps (``DIR/checkpoints/step-N``), and a resumed run reloads its round's teacher
 from the last one.
@@ -82,6 +82,22 @@ class ProgressiveDistillation(DistillObjective):
         tc["checkpoint_every"] = math.gcd(tc["checkpoint_every"] or round_len, round_len)
         tc["keep_last"] = tc["steps"] // tc["checkpoint_every"] + 1
 
+    @staticmethod
+    def round_checkpoint(run, steps: int):
+        """The kept checkpoint of a progressive ``run`` (a :class:`~sfumato.run.Run`) that
+        samples in ``steps`` steps: the end of the round whose student takes that many."""
+        from ..train.checkpoint import checkpoint_name
+
+        s, total = run.config["distill"], run.config["train"]["steps"]
+        rounds = int(math.log2(s["start_steps"] // s["end_steps"]))
+        k = int(math.log2(s["start_steps"] // steps)) - 1  # the round that ends there
+        if not 0 <= k < rounds or s["start_steps"] // 2 ** (k + 1) != steps:
+            raise ConfigError(f"{run.dir} has students for "
+                              f"{[s['start_steps'] // 2 ** (r + 1) for r in range(rounds)]} "
+                              f"steps, not {steps}")
+        step = total if k == rounds - 1 else (k + 1) * max(1, total // rounds)
+        return run.dir / "checkpoints" / checkpoint_name(step)
+
     def checkpointed(self, step: int) -> dict[str, torch.Tensor]:
         """The student's weights at ``step`` (a round boundary) from the run's kept
         checkpoint."""
@@ -95,7 +111,8 @@ class ProgressiveDistillation(DistillObjective):
         return load_checkpoint(ck, stems=("model",))[0]["model"]
 
     def steps_in_round(self, k: int) -> int:
-        return int(self.s["start_steps"]) // 2 ** k
+        """The student's steps in round k (its teacher takes twice as many)."""
+        return int(self.s["start_steps"]) // 2 ** (k + 1)
 
     def at_step(self, step: int) -> None:
         super().at_step(step)
