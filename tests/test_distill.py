@@ -322,3 +322,15 @@ def test_two_process_ddp_distillation_equals_one_process(teacher, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
         moved |= not torch.equal(a[k], Run(teacher).weights()[k])
     assert moved, "the student did not train"
+
+
+def test_runs_saved_before_the_distill_section_still_resume(tmp_path):
+    cfg = {**TINY_TEACHER, "train": {**TINY_TEACHER["train"], "steps": 2}}
+    train(cfg, out=tmp_path, progress=False)
+    saved = tmp_path / "checkpoint" / "config.json"
+    old = json.loads(saved.read_text())
+    del old["distill"]  # as written by earlier versions
+    saved.write_text(json.dumps(old))
+    summary = train({**cfg, "train": {**cfg["train"], "steps": 3}}, out=tmp_path,
+                    progress=False)
+    assert summary["steps"] == 3

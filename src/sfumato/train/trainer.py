@@ -229,8 +229,8 @@ class Trainer:
                     f"with weights SHA-256 {ref['sha256'][:12]}...; that run has changed since "
                     f"(now {now and now['sha256'][:12]}...). Restore it, or start a new --out "
                     "directory on the new one")
-        for sec in ("data", "model", "objective", "distill"):
-            if saved_cfg.get(sec) != self.cfg[sec]:
+        for sec in ("data", "model", "objective", "distill"):  # (runs before distill: none)
+            if (saved_cfg.get(sec) or {}) != (self.cfg[sec] or {}):
                 raise ConfigError(
                     f"{self.out} holds a run with a different '{sec}' config; resume it with "
                     f"its own config ({ck / 'config.json'}) or choose a new --out directory"
