@@ -106,16 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         sfumato.distill(args.teacher, method, out=out, steps=args.steps, progress=False)
         student = sfumato.load(out)
         cpu = student.run.train_cpu_seconds / 60
-        for k in NFES:
-            # a progressive run keeps one student per step count: each round's checkpoint
-            at = student if method != "progressive" else sfumato.load(
+        def at(k: int, student=student, method=method):  # progressive: one per step count
+            return student if method != "progressive" else sfumato.load(
                 METHODS[method].round_checkpoint(student.run, k))
-            drawn = at.sample(args.n, steps=k, seed=args.seed)
+
+        for k in NFES:
+            drawn = at(k).sample(args.n, steps=k, seed=args.seed)
             rows.append({"method": method, "nfe": k, "cpu_min": cpu,
                          "wall_s": time.time() - t0,
                          **score(drawn.x, drawn.labels, data, args.ref_seed)})
         y = torch.arange(10).repeat_interleave(10)
-        save_grid(student.sample(100, steps=2, class_labels=y, seed=0).to_uint8(),
+        save_grid(at(2).sample(100, steps=2, class_labels=y, seed=0).to_uint8(),
                   args.out / f"{method}.png", nrow=10)
         if method == "guided":
             rows += guided_rows(student, teacher, data, args.n, args.seed, args.ref_seed)
