@@ -34,6 +34,9 @@ AUTO = "auto"
 
 ClassLabels = torch.Tensor | int | str | None
 
+#: the run kinds :func:`evaluate` scores (they sample images)
+IMAGE_KINDS = ("diffusion", "text", "controlnet", "student")
+
 
 @dataclass
 class Samples:
@@ -365,8 +368,7 @@ def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
     rows, data, used_guidance = [], None, None
     for ck in Run(path).checkpoints(every):
         run = Run(ck)
-        image_kinds = ("diffusion", "text", "controlnet", "student")
-        if run.kind not in image_kinds or len(run.data_shape or ()) != 3:
+        if run.kind not in IMAGE_KINDS or len(run.data_shape or ()) != 3:
             raise UsageError(f"evaluate scores image models (FD in a classifier's features); "
                              f"{path} is a {run.kind} run of data shape {run.data_shape}")
         result = load(run).sample(n, seed=seed, sampler=sampler, steps=steps,

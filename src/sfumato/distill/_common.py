@@ -147,16 +147,20 @@ class DiscretePairs:
                  p_mean: float, p_std: float) -> None:
         self.args = (sigma_min, sigma_max)
         self.n_start, self.n_end, self.p = n_start, n_end, (p_mean, p_std)
-        self.levels = karras_levels(n_start + 1, sigma_min, sigma_max)
+        self.set_levels(n_start + 1)
+
+    def set_levels(self, n: int) -> None:
+        """n levels and their pair probabilities (recomputed only when the curriculum moves)."""
+        self.levels = karras_levels(n, *self.args)
+        self.probs = lognormal_pair_probs(self.levels, *self.p)
 
     def at_step(self, step: int, total: int) -> None:
         n = ict_levels(step, total, self.n_start, self.n_end)
         if n != len(self.levels):
-            self.levels = karras_levels(n, *self.args)
+            self.set_levels(n)
 
     def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        probs = lognormal_pair_probs(self.levels, *self.p)
-        i = torch.multinomial(probs, n, replacement=True, generator=generator)
+        i = torch.multinomial(self.probs, n, replacement=True, generator=generator)
         return self.levels[i + 1].float()
 
     def lower(self, t: torch.Tensor) -> torch.Tensor:

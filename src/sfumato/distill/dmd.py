@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..denoiser import as_sigma
+from ..guidance import ClassifierFreeGuidance
 from ..sigmas import get_sigmas
 from ..train.objective import Objective
 from ._common import DistillObjective, pseudo_huber
@@ -99,13 +100,12 @@ class DistributionMatching(DistillObjective):
         return (lo + (hi - lo) * u).exp().float().to(device)  # log-uniform comparison levels
 
     def real(self, x, t, cond):
+        """The teacher's x0, classifier-free guided at ``real_guidance`` when it has classes."""
         w = float(self.s["real_guidance"])
-        d = self.teacher(x, t, **cond)
         if w == 1.0 or "class_labels" not in cond:
-            return d
-        null = {**cond, "class_labels": torch.full_like(cond["class_labels"], self.num_classes)}
-        u = self.teacher(x, t, **null)
-        return u + w * (d - u)
+            return self.teacher(x, t, **cond)
+        return ClassifierFreeGuidance(self.teacher, w,
+                                      uncond={"class_labels": self.num_classes})(x, t, **cond)
 
     def loss(self, student, x0, *, generator, sigma=None, noise=None, **cond) -> torch.Tensor:
         b, t = x0.shape[0], sigma.to(x0.device)

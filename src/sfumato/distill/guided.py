@@ -19,21 +19,19 @@ from typing import Any, ClassVar
 import torch
 
 from ..denoiser import as_sigma
+from ..guidance import ClassifierFreeGuidance
 from .consistency import ConsistencyDistillation
 
 
 def guided_teacher(teacher, num_classes: int):
     """``D_w(x, sigma, class_labels, guidance_scale=w)``: the teacher under classifier-free
-    guidance with a per-sample scale w (B,), both branches in one batched call."""
+    guidance with a per-sample scale w (B,), both branches in one batched call
+    (:meth:`sfumato.guidance.ClassifierFreeGuidance.branches`)."""
+    cfg = ClassifierFreeGuidance(teacher, 1.0, uncond={"class_labels": num_classes})
 
-    def den(x: torch.Tensor, sigma: torch.Tensor, *, class_labels: torch.Tensor,
-            guidance_scale: torch.Tensor, **cond) -> torch.Tensor:
-        b = x.shape[0]
-        null = torch.full_like(class_labels, num_classes)
-        both = teacher(torch.cat([x, x]), torch.as_tensor(sigma).expand(b).repeat(2),
-                       class_labels=torch.cat([class_labels, null]),
-                       **{k: torch.cat([v, v]) for k, v in cond.items()})
-        cond_x0, uncond_x0 = both[:b], both[b:]
+    def den(x: torch.Tensor, sigma: torch.Tensor, *, guidance_scale: torch.Tensor,
+            **cond) -> torch.Tensor:
+        cond_x0, uncond_x0 = cfg.branches(x, sigma, **cond)
         return uncond_x0 + as_sigma(guidance_scale, x) * (cond_x0 - uncond_x0)
 
     return den

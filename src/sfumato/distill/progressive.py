@@ -62,20 +62,26 @@ class ProgressiveDistillation(DistillObjective):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        start, end = int(self.s["start_steps"]), int(self.s["end_steps"])
+        self.rounds = self.count_rounds(self.s)
+        self.round_len = max(1, self.total_steps // self.rounds)
+        self.round, self.first_teacher = -1, self.teacher
+
+    @staticmethod
+    def count_rounds(s: dict) -> int:
+        """The rounds from ``start_steps`` (the first teacher's steps) to ``end_steps``; a
+        :class:`ConfigError` unless their ratio is a power of two > 1."""
+        start, end = int(s["start_steps"]), int(s["end_steps"])
         if end < 1 or start <= end or math.log2(start / end) % 1:
             raise ConfigError(f"progressive distillation halves the steps each round: "
                               f"distill.start_steps / end_steps must be a power of two > 1; "
                               f"got {start} / {end}")
-        self.rounds = int(math.log2(start / end))
-        self.round_len = max(1, self.total_steps // self.rounds)
-        self.round, self.first_teacher = -1, self.teacher
+        return int(math.log2(start / end))
 
     @classmethod
     def adjust(cls, cfg: dict) -> None:
         """Sample with the last round's step count; keep every round's checkpoint."""
         s = cfg["distill"]
-        rounds = int(math.log2(max(2, s["start_steps"] // max(1, s["end_steps"]))))
+        rounds = cls.count_rounds(s)
         tc = cfg["train"]
         cfg["sample"]["steps"] = s["end_steps"]
         round_len = max(1, tc["steps"] // rounds)  # boundaries must be kept checkpoints
@@ -89,7 +95,7 @@ class ProgressiveDistillation(DistillObjective):
         from ..train.checkpoint import checkpoint_name
 
         s, total = run.config["distill"], run.config["train"]["steps"]
-        rounds = int(math.log2(s["start_steps"] // s["end_steps"]))
+        rounds = ProgressiveDistillation.count_rounds(s)
         k = int(math.log2(s["start_steps"] // steps)) - 1  # the round that ends there
         if not 0 <= k < rounds or s["start_steps"] // 2 ** (k + 1) != steps:
             raise ConfigError(f"{run.dir} has students for "
