@@ -6,6 +6,8 @@
     sfumato sample DIR --out FILE    sample a trained run (.png grid or .npz arrays)
     sfumato optimize-grid DIR --steps N --out GRID.json
                                      fit a sampler's noise levels to the run
+    sfumato restore DIR --input Y --operator SPEC --out FILE
+                                     inpainting, super-resolution, deblurring
     sfumato info DIR                 describe a run
     sfumato demo [--out DIR]         train the default digits model, sample, score
 
@@ -173,6 +175,61 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             np.savez(tmp, **arrays)
     print(f"wrote {args.n} samples to {out}")
     return 0
+
+
+def _cmd_restore(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import from_uint8, to_uint8
+    from .imageio import read_images, write_images
+    from .inverse import Inpaint, parse_operator
+    from .model import load
+
+    model = load(args.run)
+    if model.is_classifier or len(model.shape) != 3:
+        raise UsageError(f"restore needs an image diffusion run; {args.run} is a {model.kind} "
+                         f"run of data shape {model.shape}")
+    op = parse_operator(args.operator, model.shape, load_mask=_read_mask)
+    raw = read_images(args.input, model.shape[0])
+    want = (*op.out_shape[1:], op.out_shape[0])
+    if tuple(raw.shape[1:]) != want:
+        raise UsageError(f"--input {args.input}: {args.operator} on this run's "
+                         f"{model.shape[1]}x{model.shape[2]} images measures "
+                         f"{want[0]}x{want[1]}x{want[2]} (H x W x C) images; got "
+                         f"{'x'.join(map(str, raw.shape[1:]))}")
+    y = from_uint8(raw)
+    if isinstance(op, Inpaint):  # the damaged pixels are ignored (zeroed)
+        y = op.A(y)
+    options = {k: v for k, v in (("zeta", args.zeta), ("prior_std", args.prior_std),
+                                 ("jump_length", args.jump_length),
+                                 ("jump_n_sample", args.jump_n_sample)) if v is not None}
+    out = model.restore(y, op, method=args.method, sigma_y=args.noise, seed=args.seed,
+                        steps=args.steps, sampler=args.sampler, samples=args.samples,
+                        class_labels=args.class_label, prompt=args.prompt, **options)
+    images = to_uint8(out.x).numpy()
+    if isinstance(op, Inpaint):  # the known pixels exactly as given
+        known = op.mask.permute(1, 2, 0).numpy()[None]
+        images = np.where(known, raw, images)
+    write_images(images, args.out, residual=out.residual.cpu().numpy())
+    rms = float(out.residual.pow(2).mean().sqrt())
+    scale = f" = {rms / args.noise:.2f} sigma_y" if args.noise > 0 else ""
+    print(f"restored {len(images)} image(s) with {args.method} ({args.samples} posterior "
+          f"sample(s) each); measurement residual RMS {rms:.4f}{scale}; wrote {args.out}")
+    return 0
+
+
+def _read_mask(path: str, hw: tuple[int, int]):
+    """An inpainting mask image -> (H, W) bool, True where the pixel is to be filled in
+    (white), at exactly the run's size."""
+    from .imageio import read_images
+
+    a = read_images(path, 1)[0, ..., 0]
+    if a.shape != tuple(hw):
+        raise UsageError(f"mask {path!r} is {a.shape[0]}x{a.shape[1]}; the run's images are "
+                         f"{hw[0]}x{hw[1]}")
+    import torch
+
+    return torch.from_numpy(a >= 128)
 
 
 def _read_grid(path: str) -> tuple[list[float], str | None, dict]:
@@ -393,6 +450,46 @@ def build_parser() -> argparse.ArgumentParser:
                         "--sampler is given) instead of the run's grid and --steps")
     p.add_argument("--out", required=True, metavar="FILE", help="output .png or .npz")
     p.set_defaults(func=_cmd_sample)
+
+    from .inverse import METHODS as RESTORE_METHODS
+
+    p = sub.add_parser(
+        "restore", help="restore images from a measurement (inpainting, super-resolution, "
+        "deblurring)",
+        description="Restore images from a measurement y = A(x) + noise with the run as prior "
+                    "(sfumato.inverse). --input is the measurement: the low-resolution image "
+                    "for srK, the damaged image for inpainting (pixels under the mask are "
+                    "ignored; they come back exactly as given), the blurred image for blur; "
+                    "one image file or an .npz with 'images' (uint8 NHWC). The output is "
+                    "a .png grid or an .npz ('images', 'residual') at the run's resolution.")
+    p.add_argument("run", metavar="DIR", help="run directory")
+    p.add_argument("--input", required=True, metavar="Y", help="the measurement (.png or .npz)")
+    p.add_argument("--operator", required=True, metavar="SPEC",
+                   help="inpaint:MASK.png (white = fill in), box:T,L,H,W (the box is filled "
+                        "in), sr2, sr4, blur:W (Gaussian std W pixels), pixels:P (a random "
+                        "fraction P known)")
+    p.add_argument("--noise", type=float, default=0.0, metavar="SIGMA_Y",
+                   help="measurement noise std in the data range [-1, 1] (default 0)")
+    p.add_argument("--method", default="pigdm", choices=list(RESTORE_METHODS),
+                   help="default: %(default)s")
+    p.add_argument("--samples", type=_positive_int, default=4, metavar="K",
+                   help="average K posterior samples per image (default 4; the posterior "
+                        "mean as K grows); 1 = one posterior sample")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="noise levels of the run's grid (default 50)")
+    p.add_argument("--sampler", default=None, choices=sampler_names, metavar="NAME",
+                   help="sampler (default: the method's)")
+    p.add_argument("--seed", type=int, default=0, help="seed (restoration i depends only on it)")
+    p.add_argument("--class", dest="class_label", type=_class_label, default=None,
+                   metavar="K", help="condition on a class (default: unconditional)")
+    p.add_argument("--prompt", default=None, metavar="TEXT",
+                   help="condition a text run on a prompt (default: unconditional)")
+    p.add_argument("--zeta", type=float, default=None, help="DPS step size")
+    p.add_argument("--prior-std", type=float, default=None, help="ΠGDM's s in r^2")
+    p.add_argument("--jump-length", type=_positive_int, default=None, help="RePaint")
+    p.add_argument("--jump-n-sample", type=_positive_int, default=None, help="RePaint")
+    p.add_argument("--out", required=True, metavar="FILE", help="output .png or .npz")
+    p.set_defaults(func=_cmd_restore)
 
     p = sub.add_parser(
         "optimize-grid", help="fit a sampler's noise levels to a trained run",

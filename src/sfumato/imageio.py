@@ -50,3 +50,48 @@ def save_grid(images: np.ndarray | torch.Tensor, path: str | os.PathLike,
     h = images.shape[1]
     scale = scale or max(1, 64 // h)
     return save_png(make_grid(images, nrow=nrow, scale=scale), path)
+
+
+def read_images(path: str | os.PathLike, channels: int) -> np.ndarray:
+    """A user's images as (N, H, W, channels) uint8, unresized: one image file (PNG, JPEG,
+    anything Pillow reads; converted to grayscale or RGB) or an ``.npz`` whose ``images`` is
+    uint8 NHWC (as ``sfumato sample`` writes). Clear errors for a missing, unreadable or
+    mis-shaped file; never unpickles (``allow_pickle=False``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input {str(p)!r} does not exist or is no file")
+    if p.suffix.lower() == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as f:
+                a = np.asarray(f["images"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"{str(p)!r} is not an .npz with an 'images' array (uint8 NHWC, as "
+                            f"'sfumato sample --out FILE.npz' writes): {e}") from None
+        a = a[..., None] if a.ndim == 3 else a
+        if a.dtype != np.uint8 or a.ndim != 4 or a.shape[-1] != channels:
+            raise DataError(f"{str(p)!r}: 'images' must be uint8 (N, H, W, {channels}); got "
+                            f"{a.dtype} {a.shape}")
+        return a
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(p) as im:
+            im.load()
+            a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{str(p)!r} is not a readable image file ({e})") from None
+    return a.reshape(1, a.shape[0], a.shape[1], channels)
+
+
+def write_images(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None,
+                 **arrays: np.ndarray) -> Path:
+    """Write uint8 NHWC images as a PNG grid (``.png``) or an ``.npz`` with ``images`` and the
+    other ``arrays`` (``.npz``), atomically."""
+    path = Path(path)
+    if path.suffix == ".png":
+        return save_grid(images, path, nrow=nrow)
+    if path.suffix != ".npz":
+        raise DataError(f"output must end in .png (a grid) or .npz (arrays); got {str(path)!r}")
+    with atomic_write(path) as tmp:
+        np.savez(tmp, images=images, **arrays)
+    return path

@@ -22,7 +22,7 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["GaussianMixture", "random_mixture"]
+__all__ = ["GaussianMixture", "MixturePosterior", "random_mixture"]
 
 
 class GaussianMixture:
@@ -182,13 +182,46 @@ class GaussianMixture:
         """Mixture mean, shape (D,)."""
         return (self.log_w.exp()[:, None] * self.means).sum(0)
 
+    def component_covariances(self) -> torch.Tensor:
+        """The components' covariances C_k, shape (K, D, D)."""
+        if self.U is None:
+            return torch.diag_embed(self.lam)
+        return self.U @ torch.diag_embed(self.lam) @ self.U.transpose(1, 2)
+
+    def posterior(self, A: torch.Tensor, y: torch.Tensor, sigma_y: float = 0.0
+                  ) -> MixturePosterior:
+        """The exact posterior p(x | y) for the linear-Gaussian measurement
+        y = A x + sigma_y n, n ~ N(0, I): again a Gaussian mixture (Bishop 2006, eqs.
+        (2.113)-(2.117) per component), with, for S_k = A C_k A^T + sigma_y^2 I,
+
+            w_k' ∝ w_k N(y; A mu_k, S_k)
+            mu_k' = mu_k + C_k A^T S_k^-1 (y - A mu_k)
+            C_k'  = C_k - C_k A^T S_k^-1 A C_k   (singular along A's rows when sigma_y = 0).
+
+        A (m, D) with full row rank when sigma_y = 0 (e.g. :meth:`Operator.matrix
+        <sfumato.inverse.operators.Operator.matrix>`); y (m,) one measurement."""
+        A = torch.as_tensor(A, dtype=torch.float64)
+        y = torch.as_tensor(y, dtype=torch.float64).reshape(-1)
+        if A.ndim != 2 or A.shape[1] != self.D or y.shape[0] != A.shape[0]:
+            raise UsageError(f"posterior needs A (m, D={self.D}) and y (m,); got A "
+                             f"{tuple(A.shape)} and y {tuple(y.shape)}")
+        C = self.component_covariances()
+        CAt = C @ A.T  # (K, D, m)
+        S = A @ CAt + sigma_y**2 * torch.eye(A.shape[0], dtype=torch.float64)  # (K, m, m)
+        L = torch.linalg.cholesky(S)
+        resid = y[None] - self.means @ A.T  # (K, m)
+        sol = torch.cholesky_solve(resid[..., None], L)[..., 0]  # S^-1 (y - A mu)
+        logdet = 2 * L.diagonal(dim1=1, dim2=2).log().sum(-1)
+        logn = -0.5 * ((resid * sol).sum(-1) + logdet + A.shape[0] * math.log(2 * math.pi))
+        means = self.means + (CAt @ sol[..., None])[..., 0]
+        covs = C - CAt @ torch.cholesky_solve(CAt.transpose(1, 2), L)
+        return MixturePosterior(means, 0.5 * (covs + covs.transpose(1, 2)),
+                                torch.log_softmax(self.log_w + logn, 0), self.event_shape)
+
     def covariance(self) -> torch.Tensor:
         """Mixture covariance, shape (D, D)."""
         w = self.log_w.exp()
-        if self.U is None:
-            C = torch.diag_embed(self.lam)
-        else:
-            C = self.U @ torch.diag_embed(self.lam) @ self.U.transpose(1, 2)
+        C = self.component_covariances()
         m = self.mean()
         d = self.means - m
         return (w[:, None, None] * (C + d[:, :, None] * d[:, None, :])).sum(0)
@@ -213,3 +246,27 @@ def random_mixture(dim: int = 2, k: int = 4, *, scale: float = 2.0, min_std: flo
     w = 0.5 + torch.rand(k, generator=g, dtype=torch.float64)
     classes = None if num_classes is None else torch.arange(k) % num_classes
     return GaussianMixture(means, covs, w, event_shape=event_shape, classes=classes)
+
+
+class MixturePosterior:
+    """A Gaussian mixture with possibly singular covariances (an exact posterior,
+    :meth:`GaussianMixture.posterior`): ``means`` (K, D), ``covs`` (K, D, D), ``log_w``
+    (K,) normalised."""
+
+    def __init__(self, means: torch.Tensor, covs: torch.Tensor, log_w: torch.Tensor,
+                 event_shape: tuple[int, ...]) -> None:
+        self.means, self.covs, self.log_w, self.event_shape = means, covs, log_w, event_shape
+        lam, U = torch.linalg.eigh(covs)
+        self._factor = U * lam.clamp_min(0).sqrt()[:, None, :]  # (K, D, D): cov = F F^T
+
+    def mean(self) -> torch.Tensor:
+        """E[x | y], shape event_shape."""
+        return (self.log_w.exp()[:, None] * self.means).sum(0).reshape(self.event_shape)
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """n exact posterior samples, shape (n, *event_shape)."""
+        k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        x = self.means[k] + torch.einsum("bde,be->bd", self._factor[k], z)
+        return x.reshape(n, *self.event_shape).to(dtype)

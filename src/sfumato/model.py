@@ -205,6 +205,49 @@ class Model:
         out.sampler, out.sigmas = cfg["sampler"], cfg["sigmas"]
         return out
 
+    @torch.no_grad()
+    def restore(self, y: torch.Tensor, operator, *, method: str = "pigdm",
+                sigma_y: float = 0.0, seed: int = 0, steps: int | None = None,
+                sampler: str | None = None, samples: int = 4,
+                class_labels: ClassLabels = None, prompt: str | Sequence[str] | None = None,
+                guidance: float | None = None, **options):
+        """Restore images from measurements y (B, *operator.out_shape) in the data range
+        (:func:`sfumato.inverse.restore`; returns its :class:`~sfumato.inverse.Restoration`).
+
+        ``samples`` = K > 1 (default 4) returns the mean of K posterior samples per
+        measurement (towards the posterior mean as K grows: the better estimate by PSNR and by
+        class accuracy, blurrier where the posterior is wide); ``samples=1`` one posterior
+        sample.
+        Unconditional by default (the null label / empty prompt); ``class_labels`` or
+        ``prompt`` condition it, with ``guidance`` as in :meth:`sample`. ``steps``: levels of
+        the run's grid (default :data:`sfumato.inverse.DEFAULT_STEPS`); ``sampler``: the
+        method's default if None; restoration i depends only on ``seed``, i and ``samples``.
+        ``options``: the method's own parameters (``zeta``, ``prior_std``, ...)."""
+        from .inverse import DEFAULT_STEPS, Inpaint, Restoration, restore
+        from .samplers._api import per_sample_generators
+        from .sigmas import get_sigmas
+
+        if samples < 1:
+            raise UsageError(f"samples must be >= 1; got {samples}")
+        n = y.shape[0] * samples
+        den, _, cond = self._conditioning(n, class_labels, guidance, prompt=prompt)
+        if self.text and prompt is None:
+            cond.update({k: v.to(self.device).expand(n, *v.shape[1:])
+                         for k, v in self.text.null().items()})
+        s = self.run.sampling
+        sigmas = get_sigmas(s["grid"], int(steps or DEFAULT_STEPS), sigma_min=s["sigma_min"],
+                            sigma_max=s["sigma_max"])
+        y = y.to(self.device)
+        out = restore(den, y.repeat_interleave(samples, 0), operator, method=method,
+                      sigmas=sigmas, sigma_y=sigma_y, sampler=sampler,
+                      generator=per_sample_generators(seed, n), options=options, **cond)
+        if samples == 1:
+            return out
+        x = out.x.reshape(-1, samples, *out.x.shape[1:]).mean(1)
+        if isinstance(operator, Inpaint):  # the mean of equal values can round: paste again
+            x = operator.paste(x, y)
+        return Restoration(x=x, residual=operator.residual(x, y.to(x.dtype)))
+
     def optimize_sigmas(self, steps: int, *, sampler: str | None = None, samples: int = 1024,
                         seed: int = 1, guidance: float | None = None, ref_steps: int = 200,
                         batch_size: int | None = None, **sampler_kwargs) -> OptimizedSigmas:
