@@ -47,3 +47,16 @@ def check_options_finite_deterministic_no_inplace(gm, sampler, kw: dict) -> None
         assert torch.equal(x, x_copy) and torch.equal(sig, sig_copy)
     alone = sampler(gm, x[3:4], sig, generator=gens([3]), **kw)
     torch.testing.assert_close(alone[0], a[3])
+
+
+#: a tiny class-conditional U-Net run on the digits (30 steps, seconds): a teacher, a prior
+TINY_TEACHER = {
+    "data": {"name": "digits"},
+    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 8,
+              "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
+              "mid_attention": False, "norm_groups": 4, "conditional": True},
+    "objective": {"label_dropout": 0.1},
+    "train": {"steps": 30, "batch_size": 32, "lr": 2e-3, "warmup_steps": 2,
+              "checkpoint_every": 0, "num_threads": 1, "precision": "fp32"},
+    "sample": {"sampler": "euler", "steps": 4, "n_grid": 4},
+}

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _util import TINY_TEACHER
 from safetensors.torch import load_file
 
 import sfumato
@@ -147,16 +148,6 @@ def test_consistency_distillation_learns_the_mixture_consistency_function(gm):
 
 
 # -- students are ordinary runs ---------------------------------------------------------------
-TINY_TEACHER = {
-    "data": {"name": "digits"},
-    "model": {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels": 8,
-              "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [],
-              "mid_attention": False, "norm_groups": 4, "conditional": True},
-    "objective": {"label_dropout": 0.1},
-    "train": {"steps": 30, "batch_size": 32, "lr": 2e-3, "warmup_steps": 2,
-              "checkpoint_every": 0, "num_threads": 1, "precision": "fp32"},
-    "sample": {"sampler": "euler", "steps": 4, "n_grid": 4},
-}
 #: a few steps of each method, checkpoints every 2 (settings that keep them cheap)
 QUICK = {"train": {"batch_size": 16, "checkpoint_every": 2, "keep_last": 10},
          "sample": {"n_grid": 4}}

@@ -58,9 +58,9 @@ DEFAULT_STEPS = 50
 
 #: each method's defaults (the sampler it runs, and its own parameters)
 METHODS: dict[str, dict] = {
-    "pigdm": {"sampler": "dpmpp_2m_sde", "prior_std": DEFAULT_PRIOR_STD},
+    "pigdm": {"sampler": "euler_ancestral", "prior_std": DEFAULT_PRIOR_STD},
     "dps": {"sampler": "euler_ancestral", "zeta": DEFAULT_ZETA},
-    "repaint": {"sampler": "ddpm", "jump_length": 10, "jump_n_sample": 10},
+    "repaint": {"sampler": "ddpm", "jump_length": None, "jump_n_sample": 10},
     "replace": {"sampler": "ddpm"},
 }
 

@@ -23,7 +23,7 @@ from ._guidance import ReconstructionGuidance
 from .operators import Operator
 
 #: ζ: the x0 move per denoiser call along the residual's gradient
-DEFAULT_ZETA = 0.5
+DEFAULT_ZETA = 1.0
 
 
 def dps_denoiser(denoiser: Callable, operator: Operator, y: torch.Tensor, *,

@@ -26,10 +26,15 @@ from ..samplers._common import Generator, noise_like
 from .operators import Operator
 
 
-def repaint_path(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
+def repaint_path(steps: int, jump_length: int | None = None, jump_n_sample: int = 10
+                 ) -> list[int]:
     """Indices into a (steps + 1)-level grid that RePaint visits, starting at 0 (σ_max) and
     ending at ``steps`` (σ = 0); consecutive entries differ by +1 (a step down) or -1
-    (re-noising one level up). ``jump_n_sample = 1`` walks straight down."""
+    (re-noising one level up). ``jump_n_sample = 1`` walks straight down. ``jump_length``
+    None: steps // 5 (at least 1; the paper's 10 for its 250 steps would never jump on a
+    short grid). Costs about ``jump_n_sample`` times ``steps`` sampler steps."""
+    if jump_length is None:
+        jump_length = max(1, steps // 5)
     if jump_length < 1 or jump_n_sample < 1:
         raise UsageError("RePaint needs jump_length >= 1 and jump_n_sample >= 1; got "
                          f"{jump_length} and {jump_n_sample}")
@@ -47,7 +52,7 @@ def repaint_path(steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> 
 
 
 def sample_repaint(denoiser: Callable, x: torch.Tensor, sigmas: torch.Tensor,
-                   operator: Operator, y: torch.Tensor, *, jump_length: int = 10,
+                   operator: Operator, y: torch.Tensor, *, jump_length: int | None = None,
                    jump_n_sample: int = 10, sampler: str = "ddpm",
                    generator: Generator = None, **cond) -> torch.Tensor:
     """RePaint from x = σ_0 z (B, C, H, W) down ``sigmas`` (ending in 0) for measurements
