@@ -6,6 +6,10 @@
     sfumato sample DIR --out FILE    sample a trained run (.png grid or .npz arrays)
     sfumato optimize-grid DIR --steps N --out GRID.json
                                      fit a sampler's noise levels to the run
+    sfumato invert DIR --input IMG --out NOISE.npz
+                                     the noise that reproduces images (sample --noise)
+    sfumato edit DIR --input IMG --strength S --out FILE
+                                     SDEdit
     sfumato restore DIR --input Y --operator SPEC --out FILE
                                      inpainting, super-resolution, deblurring
     sfumato info DIR                 describe a run
@@ -158,7 +162,17 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         kw["control_scale"] = args.control_scale
     if args.prompt is not None:
         kw["prompt"] = args.prompt
-    drawn = model.sample(args.n, seed=args.seed, **kw)
+    n = args.n
+    if args.noise:  # the inversion's settings unless given here
+        rec = _read_noise(args.noise)
+        kw["noise"], n = rec["noise"], len(rec["noise"])
+        for key, value in (("sampler", rec["sampler"]), ("steps", rec["steps"]),
+                           ("guidance", rec["guidance"]), ("prompt", rec["prompt"])):
+            if kw.get(key) is None and value is not None:
+                kw[key] = value
+        if args.class_label == "auto":
+            kw["class_labels"] = rec["class_label"]
+    drawn = model.sample(n, seed=args.seed, **kw)
     if len(model.shape) != 3:  # vector data
         if out.suffix == ".png":
             raise UsageError("this model makes vectors, not images: use an .npz output")
@@ -173,7 +187,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix == ".npz":
         with atomic_write(out) as tmp:
             np.savez(tmp, **arrays)
-    print(f"wrote {args.n} samples to {out}")
+    print(f"wrote {n} samples to {out}")
     return 0
 
 
@@ -205,7 +219,8 @@ def _cmd_restore(args: argparse.Namespace) -> int:
                                  ("jump_n_sample", args.jump_n_sample)) if v is not None}
     out = model.restore(y, op, method=args.method, sigma_y=args.noise, seed=args.seed,
                         steps=args.steps, sampler=args.sampler, samples=args.samples,
-                        class_labels=args.class_label, prompt=args.prompt, **options)
+                        class_labels=args.class_label, prompt=args.prompt,
+                        guidance=args.guidance, **options)
     images = to_uint8(out.x).numpy()
     if isinstance(op, Inpaint):  # the known pixels exactly as given
         known = op.mask.permute(1, 2, 0).numpy()[None]
@@ -215,6 +230,93 @@ def _cmd_restore(args: argparse.Namespace) -> int:
     scale = f" = {rms / args.noise:.2f} sigma_y" if args.noise > 0 else ""
     print(f"restored {len(images)} image(s) with {args.method} ({args.samples} posterior "
           f"sample(s) each); measurement residual RMS {rms:.4f}{scale}; wrote {args.out}")
+    return 0
+
+
+def _read_run_images(model, path: str):
+    """A user's images at the run's size -> (N, C, H, W) float in [-1, 1]."""
+    from .data import from_uint8
+    from .imageio import read_images
+
+    raw = read_images(path, model.shape[0])
+    if tuple(raw.shape[1:3]) != tuple(model.shape[1:]):
+        raise UsageError(f"--input {path}: the run's images are {model.shape[1]}x"
+                         f"{model.shape[2]}; got {raw.shape[1]}x{raw.shape[2]} (resize it first)")
+    return from_uint8(raw)
+
+
+def _cmd_invert(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .files import atomic_write
+    from .model import load
+
+    model = load(args.run)
+    x = _read_run_images(model, args.input)
+    sampler = args.sampler
+    z = model.invert(x, sampler=sampler, steps=args.steps, class_labels=args.class_label,
+                     prompt=args.prompt, guidance=args.guidance, iters=args.iters)
+    steps = args.steps or int(model.run.sampling["steps"])
+    from .edit import INVERTIBLE
+
+    run_sampler = model.run.sampling["sampler"]
+    sampler = sampler or (run_sampler if run_sampler in INVERTIBLE else "heun")
+    record = {"noise": z.cpu().numpy().astype(np.float32), "sampler": np.array(sampler),
+              "steps": np.array(steps), "class_label": np.array(
+                  -1 if args.class_label is None else args.class_label),
+              "guidance": np.array(np.nan if args.guidance is None else args.guidance)}
+    if args.prompt is not None:
+        record["prompt"] = np.array(args.prompt)
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UsageError(f"--out must end in .npz; got {str(out)!r}")
+    with atomic_write(out) as tmp:
+        np.savez(tmp, **record)
+    print(f"inverted {len(z)} image(s) with {sampler}, {steps} steps; wrote {out} (sample it "
+          f"with 'sfumato sample {args.run} --noise {out} --out FILE')")
+    return 0
+
+
+def _read_noise(path: str) -> dict:
+    """NOISE.npz from ``sfumato invert`` -> {"noise": tensor, "sampler", "steps",
+    "class_label", "guidance", "prompt"} (None where not recorded)."""
+    import numpy as np
+    import torch
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            got = {k: f[k] for k in f.files}
+        noise = torch.from_numpy(np.asarray(got["noise"], dtype=np.float32))
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--noise {path!r} is not a NOISE.npz from 'sfumato invert' (an "
+                         f"array 'noise'): {e}") from None
+
+    def item(key):
+        return got[key].item() if key in got else None
+
+    label, guidance = item("class_label"), item("guidance")
+    return {"noise": noise, "sampler": item("sampler"), "steps": item("steps"),
+            "class_label": None if label is None or label < 0 else int(label),
+            "guidance": None if guidance is None or guidance != guidance else guidance,
+            "prompt": item("prompt")}
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from .data import to_uint8
+    from .imageio import write_images
+    from .model import load
+
+    if args.method != "sdedit":
+        raise UsageError(f"--method {args.method} is not built yet; use sdedit (with "
+                         "--strength)")
+    model = load(args.run)
+    x = _read_run_images(model, args.input)
+    edited = model.edit(x, args.strength, steps=args.steps, sampler=args.sampler,
+                        seed=args.seed, class_labels=args.class_label, prompt=args.prompt,
+                        guidance=args.guidance)
+    write_images(to_uint8(edited).numpy(), args.out)
+    print(f"edited {len(edited)} image(s) (SDEdit, strength {args.strength:g}); wrote "
+          f"{args.out}")
     return 0
 
 
@@ -448,8 +550,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigmas", metavar="GRID.json", default=None,
                    help="noise levels from 'sfumato optimize-grid' (and its sampler, unless "
                         "--sampler is given) instead of the run's grid and --steps")
+    p.add_argument("--noise", metavar="NOISE.npz", default=None,
+                   help="start from this noise ('sfumato invert'; one sample per row) with "
+                        "the inversion's sampler, steps and conditioning unless given")
     p.add_argument("--out", required=True, metavar="FILE", help="output .png or .npz")
     p.set_defaults(func=_cmd_sample)
+
+    def conditioning(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--class", dest="class_label", type=_class_label, default=None,
+                       metavar="K", help="condition on a class (default: unconditional)")
+        p.add_argument("--prompt", default=None, metavar="TEXT",
+                       help="condition a text run on a prompt (default: unconditional)")
+        p.add_argument("--guidance", type=float, default=None, metavar="W",
+                       help="classifier-free guidance scale (default: the run's)")
+
+    from .edit import INVERTIBLE
+
+    p = sub.add_parser("invert", help="find the noise that reproduces images",
+                       description="Run a deterministic sampler backwards (DDIM / PF-ODE "
+                                   "inversion, solved exactly per step by fixed-point "
+                                   "iterations): 'sfumato sample DIR --noise NOISE.npz' with "
+                                   "the same sampler and steps reproduces the images.")
+    p.add_argument("run", metavar="DIR", help="run directory")
+    p.add_argument("--input", required=True, metavar="IMG",
+                   help="images at the run's size (.png or .npz 'images')")
+    p.add_argument("--sampler", default=None, choices=INVERTIBLE,
+                   help="default: the run's if invertible, else heun")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="steps (default: the run's)")
+    p.add_argument("--iters", type=int, default=20,
+                   help="fixed-point iterations per step (0: plain DDIM inversion)")
+    conditioning(p)
+    p.add_argument("--out", required=True, metavar="NOISE.npz", help="output .npz")
+    p.set_defaults(func=_cmd_invert)
+
+    p = sub.add_parser("edit", help="edit images with the run as prior (SDEdit)",
+                       description="SDEdit: noise the images to the level --strength picks "
+                                   "(0 keeps them, 1 is pure noise) and sample back down in "
+                                   "--steps steps, steered by --class / --prompt.")
+    p.add_argument("run", metavar="DIR", help="run directory")
+    p.add_argument("--input", required=True, metavar="IMG",
+                   help="images at the run's size (.png or .npz 'images')")
+    p.add_argument("--method", default="sdedit", choices=["sdedit", "p2p", "diffedit"],
+                   help="default: %(default)s")
+    p.add_argument("--strength", type=float, default=0.5, help="in [0, 1] (default 0.5)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="sampler steps from the starting level (default: the run's)")
+    p.add_argument("--sampler", default=None, choices=sampler_names, metavar="NAME")
+    p.add_argument("--seed", type=int, default=0)
+    conditioning(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="output .png or .npz")
+    p.set_defaults(func=_cmd_edit)
 
     from .inverse import METHODS as RESTORE_METHODS
 
@@ -480,10 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=sampler_names, metavar="NAME",
                    help="sampler (default: the method's)")
     p.add_argument("--seed", type=int, default=0, help="seed (restoration i depends only on it)")
-    p.add_argument("--class", dest="class_label", type=_class_label, default=None,
-                   metavar="K", help="condition on a class (default: unconditional)")
-    p.add_argument("--prompt", default=None, metavar="TEXT",
-                   help="condition a text run on a prompt (default: unconditional)")
+    conditioning(p)
     p.add_argument("--zeta", type=float, default=None, help="DPS step size")
     p.add_argument("--prior-std", type=float, default=None, help="ΠGDM's s in r^2")
     p.add_argument("--jump-length", type=_positive_int, default=None, help="RePaint")

@@ -165,7 +165,7 @@ class Model:
                guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
                control_scale: float = 1.0, prompt: str | Sequence[str] | None = None,
                sigmas: torch.Tensor | Sequence[float] | None = None,
-               **sampler_kwargs) -> Samples:
+               noise: torch.Tensor | None = None, **sampler_kwargs) -> Samples:
         """n samples (sample i depends only on ``seed`` and i), as :class:`Samples`.
 
         ``class_labels``: an int or (n,) tensor of classes for a class-conditional model (or
@@ -178,7 +178,9 @@ class Model:
         a ControlNet run samples its base model. ``prompt`` (one string, or n) conditions a
         text model; without it a text model samples the plain prompt of each class in turn
         (:func:`sfumato.text.captions.default_prompts`). ``sigmas``: an explicit grid (e.g.
-        :meth:`optimize_sigmas`' ``.sigmas``) instead of steps and grid.
+        :meth:`optimize_sigmas`' ``.sigmas``) instead of steps and grid. ``noise``: (n,
+        *data_shape) unit starting noise instead of the seed's (e.g. from :meth:`invert`; with
+        the same sampler, steps and conditioning it reproduces the inverted images).
         """
         from .sigmas import get_sigmas
 
@@ -201,9 +203,65 @@ class Model:
             n, class_labels, guidance, classifier=classifier, autoguide=autoguide,
             interval=guidance_interval, rescale=guidance_rescale, hint=hint,
             control_scale=control_scale, prompt=prompt)
-        out.x = sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device, **cond)
+        out.x = sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device,
+                            noise=noise, **cond)
         out.sampler, out.sigmas = cfg["sampler"], cfg["sigmas"]
         return out
+
+    def _edit_setup(self, x: torch.Tensor, class_labels: ClassLabels, prompt, guidance
+                    ) -> tuple[Any, dict, torch.Tensor]:
+        """(denoiser, conditioning, x on the device) for editing images x (B, *data_shape):
+        unconditional by default (the null label / empty prompt), as :meth:`restore`."""
+        if tuple(x.shape[1:]) != tuple(self.shape):
+            raise UsageError(f"images must have this run's shape (batch, "
+                             f"{', '.join(map(str, self.shape))}); got {tuple(x.shape)}")
+        n = x.shape[0]
+        den, _, cond = self._conditioning(n, class_labels, guidance, prompt=prompt)
+        if self.text and prompt is None:
+            cond.update({k: v.to(self.device).expand(n, *v.shape[1:])
+                         for k, v in self.text.null().items()})
+        return den, cond, x.to(self.device)
+
+    def _grid(self, steps: int | None) -> torch.Tensor:
+        from .sigmas import get_sigmas
+
+        s = self.run.sampling
+        return get_sigmas(s["grid"], int(steps or s["steps"]), sigma_min=s["sigma_min"],
+                          sigma_max=s["sigma_max"])
+
+    @torch.no_grad()
+    def invert(self, x: torch.Tensor, *, sampler: str | None = None, steps: int | None = None,
+               class_labels: ClassLabels = None, prompt: str | Sequence[str] | None = None,
+               guidance: float | None = None, iters: int = 20) -> torch.Tensor:
+        """The unit noise (B, *data_shape) from which ``sample(noise=...)`` with the same
+        sampler, steps and conditioning reproduces images x (:func:`sfumato.edit.invert`;
+        sampler default: the run's if it is invertible, else Heun)."""
+        from .edit import INVERTIBLE, invert
+
+        den, cond, x = self._edit_setup(x, class_labels, prompt, guidance)
+        run_sampler = self.run.sampling["sampler"]
+        sampler = sampler or (run_sampler if run_sampler in INVERTIBLE else "heun")
+        sigmas = self._grid(steps)
+        return invert(den, x, sigmas, sampler=sampler, iters=iters, **cond) / float(sigmas[0])
+
+    @torch.no_grad()
+    def edit(self, x: torch.Tensor, strength: float, *, steps: int | None = None,
+             sampler: str | None = None, seed: int = 0, class_labels: ClassLabels = None,
+             prompt: str | Sequence[str] | None = None, guidance: float | None = None
+             ) -> torch.Tensor:
+        """SDEdit images x (B, *data_shape) with ``strength`` in [0, 1]
+        (:func:`sfumato.edit.sdedit`: ``steps`` steps of the run's grid from the level the
+        strength picks, whatever the strength); a class or prompt steers the edit. Image i
+        depends only on ``seed`` and i."""
+        from .edit import sdedit
+        from .samplers._api import per_sample_generators
+
+        den, cond, x = self._edit_setup(x, class_labels, prompt, guidance)
+        s = self.run.sampling
+        return sdedit(den, x, strength, steps=int(steps or s["steps"]),
+                      sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], grid=s["grid"],
+                      sampler=sampler or s["sampler"],
+                      generator=per_sample_generators(seed, x.shape[0]), **cond)
 
     @torch.no_grad()
     def restore(self, y: torch.Tensor, operator, *, method: str = "pigdm",
@@ -225,18 +283,13 @@ class Model:
         ``options``: the method's own parameters (``zeta``, ``prior_std``, ...)."""
         from .inverse import DEFAULT_STEPS, Inpaint, Restoration, restore
         from .samplers._api import per_sample_generators
-        from .sigmas import get_sigmas
 
         if samples < 1:
             raise UsageError(f"samples must be >= 1; got {samples}")
         n = y.shape[0] * samples
-        den, _, cond = self._conditioning(n, class_labels, guidance, prompt=prompt)
-        if self.text and prompt is None:
-            cond.update({k: v.to(self.device).expand(n, *v.shape[1:])
-                         for k, v in self.text.null().items()})
-        s = self.run.sampling
-        sigmas = get_sigmas(s["grid"], int(steps or DEFAULT_STEPS), sigma_min=s["sigma_min"],
-                            sigma_max=s["sigma_max"])
+        den, cond, _ = self._edit_setup(torch.empty(n, *self.shape), class_labels, prompt,
+                                        guidance)
+        sigmas = self._grid(steps or DEFAULT_STEPS)
         y = y.to(self.device)
         out = restore(den, y.repeat_interleave(samples, 0), operator, method=method,
                       sigmas=sigmas, sigma_y=sigma_y, sampler=sampler,

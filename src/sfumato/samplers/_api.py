@@ -35,14 +35,16 @@ def sample(denoiser: Callable, shape: Sequence[int], *,
            generator: Generator = None, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu", callback: Callable | None = None,
            sampler_kwargs: dict | None = None, grid_kwargs: dict | None = None,
-           sigmas: torch.Tensor | Sequence[float] | None = None, **cond) -> torch.Tensor:
+           sigmas: torch.Tensor | Sequence[float] | None = None,
+           noise: torch.Tensor | None = None, **cond) -> torch.Tensor:
     """Draw samples of ``shape`` (B, ...) from a σ-space denoiser.
 
     Defaults: :data:`SAMPLING_DEFAULTS` (Heun, 18 steps, Karras grid over EDM's 0.002..80
     unless a ``process`` gives its trained range). ``sigmas`` (a decreasing grid ending in 0,
     e.g. from :func:`sfumato.calibrate.optimize_sigmas`) replaces ``grid`` and ``steps``.
-    ``generator`` is required (the starting noise is random). Conditioning keywords go to the
-    denoiser.
+    ``generator`` is required (the starting noise is random) unless ``noise`` (``shape``, unit
+    variance; e.g. from :func:`sfumato.edit.invert`) gives the start, ``sigmas[0] * noise``.
+    Conditioning keywords go to the denoiser.
     """
     from . import get_sampler
 
@@ -59,7 +61,13 @@ def sample(denoiser: Callable, shape: Sequence[int], *,
     else:
         sig = grids.get_sigmas(grid, steps, sigma_min=sigma_min, sigma_max=sigma_max,
                                process=process, **(grid_kwargs or {}))
-    x = initial_noise(shape, float(sig[0]), generator, dtype=dtype, device=device)
+    if noise is not None:
+        if tuple(noise.shape) != tuple(shape):
+            raise UsageError(f"noise must have the sample shape {tuple(shape)}; got "
+                             f"{tuple(noise.shape)}")
+        x = float(sig[0]) * noise.to(device=device, dtype=dtype)
+    else:
+        x = initial_noise(shape, float(sig[0]), generator, dtype=dtype, device=device)
     return fn(denoiser, x, sig, generator=generator, callback=callback,
               **(sampler_kwargs or {}), **cond)
 
@@ -74,7 +82,7 @@ def per_sample_generators(seed: int, n: int, start: int = 0,
 @torch.no_grad()
 def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int = 0,
                 device: torch.device | str = "cpu", class_labels: torch.Tensor | None = None,
-                callback=None, **cond) -> torch.Tensor:
+                callback=None, noise: torch.Tensor | None = None, **cond) -> torch.Tensor:
     """Sample with a config dict {sampler, steps, grid, sigma_min, sigma_max, kwargs, sigmas}
     (``sigmas``, an explicit grid, replaces steps and grid), one generator per sample (see
     :func:`sfumato.samplers.sample`); ``cond`` tensors go to the denoiser."""
@@ -85,4 +93,4 @@ def sample_from(denoiser, shape: tuple[int, ...], sample_cfg: dict, *, seed: int
                   grid=cfg["grid"], sigma_min=cfg["sigma_min"], sigma_max=cfg["sigma_max"],
                   generator=per_sample_generators(seed, shape[0]), device=device,
                   callback=callback, sampler_kwargs=cfg.get("kwargs"),
-                  sigmas=cfg.get("sigmas"), **cond)
+                  sigmas=cfg.get("sigmas"), noise=noise, **cond)
