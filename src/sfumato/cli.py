@@ -511,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_distill)
 
+    from .edit import INVERTIBLE
     from .samplers import SAMPLERS, TABLE_SAMPLERS
 
     sampler_names = sorted([*SAMPLERS, *TABLE_SAMPLERS])
@@ -564,16 +565,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--guidance", type=float, default=None, metavar="W",
                        help="classifier-free guidance scale (default: the run's)")
 
-    from .edit import INVERTIBLE
+    def image_command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=description)
+        p.add_argument("run", metavar="DIR", help="run directory")
+        p.add_argument("--input", required=True, metavar="IMG",
+                       help="images at the run's size (.png or .npz 'images')")
+        return p
 
-    p = sub.add_parser("invert", help="find the noise that reproduces images",
-                       description="Run a deterministic sampler backwards (DDIM / PF-ODE "
-                                   "inversion, solved exactly per step by fixed-point "
-                                   "iterations): 'sfumato sample DIR --noise NOISE.npz' with "
-                                   "the same sampler and steps reproduces the images.")
-    p.add_argument("run", metavar="DIR", help="run directory")
-    p.add_argument("--input", required=True, metavar="IMG",
-                   help="images at the run's size (.png or .npz 'images')")
+    p = image_command("invert", "find the noise that reproduces images",
+                      "Run a deterministic sampler backwards (DDIM / PF-ODE inversion, solved "
+                      "exactly per step by fixed-point iterations): 'sfumato sample DIR --noise "
+                      "NOISE.npz' with the same sampler and steps reproduces the images.")
     p.add_argument("--sampler", default=None, choices=INVERTIBLE,
                    help="default: the run's if invertible, else heun")
     p.add_argument("--steps", type=_positive_int, default=None,
@@ -584,13 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="NOISE.npz", help="output .npz")
     p.set_defaults(func=_cmd_invert)
 
-    p = sub.add_parser("edit", help="edit images with the run as prior (SDEdit)",
-                       description="SDEdit: noise the images to the level --strength picks "
-                                   "(0 keeps them, 1 is pure noise) and sample back down in "
-                                   "--steps steps, steered by --class / --prompt.")
-    p.add_argument("run", metavar="DIR", help="run directory")
-    p.add_argument("--input", required=True, metavar="IMG",
-                   help="images at the run's size (.png or .npz 'images')")
+    p = image_command("edit", "edit images with the run as prior (SDEdit)",
+                      "SDEdit: noise the images to the level --strength picks (0 keeps them, "
+                      "1 is pure noise) and sample back down in --steps steps, steered by "
+                      "--class / --prompt.")
     p.add_argument("--method", default="sdedit", choices=["sdedit", "p2p", "diffedit"],
                    help="default: %(default)s")
     p.add_argument("--strength", type=float, default=0.5, help="in [0, 1] (default 0.5)")

@@ -264,6 +264,34 @@ class Model:
                       generator=per_sample_generators(seed, x.shape[0]), **cond)
 
     @torch.no_grad()
+    def diffedit(self, x: torch.Tensor, source: int | str | None, target: int | str, *,
+                 strength: float = 0.5, steps: int | None = None, sampler: str = "ddim",
+                 seed: int = 0, threshold: float = 0.5, mask_draws: int = 10,
+                 guidance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """DiffEdit images x (B, *data_shape) from ``source`` to ``target`` (a class index
+        or a prompt; source None = unconditional) (:mod:`sfumato.edit.diffedit`): the mask
+        where the two disagree at the level ``strength`` picks (as SDEdit's), then masked
+        inversion and decoding in ``steps`` steps of the run's grid. Returns (edited images,
+        masks (B, 1, H, W))."""
+        from .edit import diffedit, diffedit_mask, partial_grid
+        from .samplers._api import per_sample_generators
+
+        def cond(what):
+            if isinstance(what, str):
+                return self._edit_setup(x, None, what, guidance)
+            return self._edit_setup(x, what, None, guidance)
+
+        den, src, x = cond(source)
+        _, tgt, _ = cond(target)
+        s = self.run.sampling
+        sigmas = partial_grid(strength, int(steps or s["steps"]), s["sigma_min"],
+                              s["sigma_max"], s["grid"])
+        mask = diffedit_mask(den, x, float(sigmas[0]), src, tgt, n=mask_draws,
+                             threshold=threshold,
+                             generator=per_sample_generators(seed, x.shape[0]))
+        return diffedit(den, x, mask, sigmas, src, tgt, sampler=sampler), mask
+
+    @torch.no_grad()
     def restore(self, y: torch.Tensor, operator, *, method: str = "pigdm",
                 sigma_y: float = 0.0, seed: int = 0, steps: int | None = None,
                 sampler: str | None = None, samples: int = 4,

@@ -1,5 +1,5 @@
-"""Editing with a trained prior: SDEdit and inversion (:mod:`~sfumato.edit.sdedit`,
-:mod:`~sfumato.edit.inversion`).
+"""Editing with a trained prior: SDEdit, inversion and DiffEdit (:mod:`~sfumato.edit.sdedit`,
+:mod:`~sfumato.edit.inversion`, :mod:`~sfumato.edit.diffedit`).
 
     from sfumato.edit import invert, sdedit
     z = invert(denoiser, x0, sigmas, sampler="heun") / sigmas[0]   # noise that reproduces x0
@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
-from .inversion import INVERTIBLE, invert
-from .sdedit import sdedit, strength_to_sigma
+from .diffedit import diffedit, diffedit_mask
+from .inversion import INVERTIBLE, anderson_solve, invert
+from .sdedit import partial_grid, sdedit, strength_to_sigma
 
-__all__ = ["INVERTIBLE", "invert", "sdedit", "strength_to_sigma"]
+__all__ = ["INVERTIBLE", "anderson_solve", "diffedit", "diffedit_mask", "invert", "partial_grid",
+           "sdedit", "strength_to_sigma"]

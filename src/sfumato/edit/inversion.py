@@ -67,18 +67,19 @@ def anderson_solve(residual: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
 @torch.no_grad()
 def invert(denoiser: Callable, x0: torch.Tensor, sigmas: torch.Tensor, *,
            sampler: str = "euler", iters: int = 20, tol: float = 1e-5,
-           **cond) -> torch.Tensor:
+           path: bool = False, **cond) -> torch.Tensor | list[torch.Tensor]:
     """The state x at ``sigmas[0]`` (B, C, H, W) that ``sampler`` over ``sigmas`` (ending in
     0) maps to x0; divide by ``sigmas[0]`` for the unit noise ``Model.sample(noise=...)``
     takes. ``iters`` iterations per step at most (0: plain DDIM inversion), each one sampler
-    step; a step stops early when every sample's residual RMS is below ``tol``."""
+    step; a step stops early when every sample's residual RMS is below ``tol``. ``path``:
+    return the whole trajectory instead, [x at sigmas[0], ..., x at sigmas[-1] = x0]."""
     if sampler not in INVERTIBLE:
         raise UsageError(f"inversion runs a single-step deterministic sampler backwards; "
                          f"{sampler!r} is not one of {', '.join(INVERTIBLE)} (multistep and "
                          f"stochastic samplers have no per-step inverse)")
     check_sigmas(sigmas)
     step = get_sampler(sampler)
-    x = x0
+    x, states = x0, [x0]
     for i in range(len(sigmas) - 2, -1, -1):
         s, s_next = sigmas[i], sigmas[i + 1]
         # explicit guess: the PF-ODE slope at the known point (at level s if s_next = 0)
@@ -88,4 +89,5 @@ def invert(denoiser: Callable, x0: torch.Tensor, sigmas: torch.Tensor, *,
         x = anderson_solve(lambda z, t=target, i=i: t - step(denoiser, z, sigmas[i:i + 2],
                                                                    **cond),
                            x, iters=iters, tol=tol)
-    return x
+        states.append(x)
+    return states[::-1] if path else x

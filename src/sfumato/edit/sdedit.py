@@ -36,6 +36,13 @@ def strength_to_sigma(strength: float, sigma_min: float, sigma_max: float) -> fl
     return (a + (1 - strength) * (b - a)) ** RHO
 
 
+def partial_grid(strength: float, steps: int, sigma_min: float, sigma_max: float,
+                 grid: str = "karras") -> torch.Tensor:
+    """``steps`` steps of ``grid`` from σ_start(strength) down to 0 (strength > 0)."""
+    start = strength_to_sigma(strength, sigma_min, sigma_max)
+    return get_sigmas(grid, steps, sigma_min=min(sigma_min, start * 0.999), sigma_max=start)
+
+
 def sdedit(denoiser: Callable, x: torch.Tensor, strength: float, *, steps: int,
            sigma_min: float, sigma_max: float, grid: str = "karras", sampler: str = "heun",
            generator: Generator, **cond) -> torch.Tensor:
@@ -45,7 +52,6 @@ def sdedit(denoiser: Callable, x: torch.Tensor, strength: float, *, steps: int,
     edit."""
     if strength == 0.0:
         return x.clone()
-    start = strength_to_sigma(strength, sigma_min, sigma_max)
-    sigmas = get_sigmas(grid, steps, sigma_min=min(sigma_min, start * 0.999), sigma_max=start)
-    xt = x + start * noise_like(x, generator, "SDEdit")
+    sigmas = partial_grid(strength, steps, sigma_min, sigma_max, grid)
+    xt = x + float(sigmas[0]) * noise_like(x, generator, "SDEdit")
     return get_sampler(sampler)(denoiser, xt, sigmas, generator=generator, **cond)
