@@ -143,3 +143,57 @@ def test_cli_invert_sample_edit(tmp_path, capsys):
     assert cli.main(["sample", str(run), "--noise", str(tmp_path / "in.npz"), "--out",
                      str(rec)]) == 2
     assert "not a NOISE.npz" in capsys.readouterr().err
+
+
+def _two_class_images():
+    """Two classes of 1x2x4 'images' that differ only in their top row (+1 vs -1); the
+    bottom row is shared (two patterns, in both classes)."""
+    from sfumato.mixture import GaussianMixture
+
+    g = torch.Generator().manual_seed(0)
+    bottoms = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    means = torch.stack([torch.cat([torch.full((4,), top), b]) for top in (1.0, -1.0)
+                         for b in bottoms])
+    return GaussianMixture(means, torch.full((4,), 0.01), event_shape=(1, 2, 4),
+                           classes=torch.tensor([0, 0, 1, 1]))
+
+
+def test_diffedit_edits_where_the_classes_differ_and_nowhere_else():
+    from sfumato.edit import diffedit, diffedit_mask, partial_grid
+
+    gm = _two_class_images()
+    x0 = gm.sample(8, generator=torch.Generator().manual_seed(1),
+                   class_labels=torch.zeros(8, dtype=torch.long))
+    src, tgt = {"class_labels": torch.zeros(8, dtype=torch.long)}, \
+        {"class_labels": torch.ones(8, dtype=torch.long)}
+    sig = partial_grid(0.7, 20, 0.002, 80.0)
+    mask = diffedit_mask(gm, x0, float(sig[0]), src, tgt, n=4,
+                         generator=torch.Generator().manual_seed(2))
+    assert torch.equal(mask[:, 0, 0], torch.ones(8, 4, dtype=mask.dtype))  # the top row
+    assert not mask[:, 0, 1].any()
+    out = diffedit(gm, x0, mask, sig, src, tgt, sampler="heun")
+    assert torch.equal(out[:, :, 1], x0[:, :, 1])  # untouched, exactly
+    assert (out[:, 0, 0] < -0.5).all()  # the top row now says class 1
+    with pytest.raises(UsageError, match="threshold"):
+        diffedit_mask(gm, x0, 1.0, src, tgt, threshold=1.5, generator=torch.Generator())
+
+
+def test_cli_diffedit(tmp_path, capsys):
+    from sfumato.data import get_dataset, to_uint8
+    from sfumato.train.trainer import train
+
+    run = tmp_path / "run"
+    train(TINY_TEACHER, out=run, progress=False)
+    digits = to_uint8(get_dataset({"name": "digits"}).heldout[:3]).numpy()
+    np.savez(tmp_path / "in.npz", images=digits)
+    out, masks = tmp_path / "out.npz", tmp_path / "mask.npz"
+    assert cli.main(["edit", str(run), "--input", str(tmp_path / "in.npz"), "--method",
+                     "diffedit", "--source-class", "1", "--class", "7", "--steps", "5",
+                     "--out", str(out), "--mask-out", str(masks)]) == 0
+    got, m = np.load(out)["images"], np.load(masks)["images"]
+    keep = m == 0
+    assert np.array_equal(got[keep], digits[keep]) and 0 < (~keep).sum() < keep.size
+    capsys.readouterr()
+    assert cli.main(["edit", str(run), "--input", str(tmp_path / "in.npz"), "--method",
+                     "diffedit", "--out", str(out)]) == 2
+    assert "target" in capsys.readouterr().err

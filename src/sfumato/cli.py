@@ -306,16 +306,31 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .imageio import write_images
     from .model import load
 
-    if args.method != "sdedit":
-        raise UsageError(f"--method {args.method} is not built yet; use sdedit (with "
-                         "--strength)")
+    if args.method == "p2p":
+        raise UsageError("--method p2p is not built yet; use sdedit or diffedit")
     model = load(args.run)
     x = _read_run_images(model, args.input)
-    edited = model.edit(x, args.strength, steps=args.steps, sampler=args.sampler,
-                        seed=args.seed, class_labels=args.class_label, prompt=args.prompt,
-                        guidance=args.guidance)
+    if args.method == "diffedit":
+        target = args.prompt if args.prompt is not None else args.class_label
+        source = args.source_prompt if args.source_prompt is not None else args.source_class
+        if target is None:
+            raise UsageError("diffedit needs the edit's target: --class K or --prompt TEXT "
+                             "(and its source: --source-class / --source-prompt, default "
+                             "unconditional)")
+        edited, mask = model.diffedit(x, source, target, strength=args.strength,
+                                      steps=args.steps, sampler=args.sampler or "ddim",
+                                      seed=args.seed, threshold=args.threshold,
+                                      guidance=args.guidance)
+        if args.mask_out:
+            write_images(to_uint8(mask * 2 - 1).numpy(), args.mask_out)
+        what = f"DiffEdit, mask {float(mask.mean()):.0%} of the pixels"
+    else:
+        edited = model.edit(x, args.strength, steps=args.steps, sampler=args.sampler,
+                            seed=args.seed, class_labels=args.class_label, prompt=args.prompt,
+                            guidance=args.guidance)
+        what = "SDEdit"
     write_images(to_uint8(edited).numpy(), args.out)
-    print(f"edited {len(edited)} image(s) (SDEdit, strength {args.strength:g}); wrote "
+    print(f"edited {len(edited)} image(s) ({what}, strength {args.strength:g}); wrote "
           f"{args.out}")
     return 0
 
@@ -589,10 +604,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = image_command("edit", "edit images with the run as prior (SDEdit)",
                       "SDEdit: noise the images to the level --strength picks (0 keeps them, "
                       "1 is pure noise) and sample back down in --steps steps, steered by "
-                      "--class / --prompt.")
+                      "--class / --prompt. DiffEdit (--method diffedit): edit only where the "
+                      "target (--class / --prompt) and the source (--source-class / "
+                      "--source-prompt) disagree; the rest stays exactly as given.")
     p.add_argument("--method", default="sdedit", choices=["sdedit", "p2p", "diffedit"],
                    help="default: %(default)s")
-    p.add_argument("--strength", type=float, default=0.5, help="in [0, 1] (default 0.5)")
+    p.add_argument("--strength", type=float, default=0.5,
+                   help="in [0, 1] (default 0.5); DiffEdit's encoding level")
+    p.add_argument("--source-class", type=int, default=None, metavar="K",
+                   help="diffedit: the input's class (default: unconditional)")
+    p.add_argument("--source-prompt", default=None, metavar="TEXT",
+                   help="diffedit: a prompt describing the input")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="diffedit: mask threshold in (0, 1) (default 0.5)")
+    p.add_argument("--mask-out", default=None, metavar="FILE",
+                   help="diffedit: also write the masks (.png / .npz)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="sampler steps from the starting level (default: the run's)")
     p.add_argument("--sampler", default=None, choices=sampler_names, metavar="NAME")
