@@ -12,6 +12,11 @@
    features), faithfulness (RMS distance to the sketch) and class kept (accuracy against the
    digit's label); one plot, OUT/sdedit.png (copied to docs/img/ by hand).
 
+3. DiffEdit: 100 held-out digits, source = the true class, target = the next class
+   ((label + 1) mod 10): fraction the classifier reads as the target, mask area, and
+   whether the pixels outside the mask are the input's exactly, over encoding strength,
+   mask threshold and guidance.
+
 Writes OUT/results.json and OUT/table.md.
 """
 
@@ -92,6 +97,29 @@ def main() -> None:
         curve.append((rms, m["fd_ratio"], strength))
         lines.append(f"| {strength:g} | {sig:.3g} | {m['fd_ratio']:.2f} | {rms:.3f} | "
                      f"{m['accuracy']:.3f} |")
+        print(lines[-1], flush=True)
+    lines += ["", "## DiffEdit, 100 held-out digits, true class -> next class, 20 DDIM steps", "",
+              "| strength | threshold | guidance | reads as target | mask area | outside mask "
+              "exact | CPU s |", "|---|---|---|---|---|---|---|"]
+    from sfumato.metrics.classifier import get_classifier
+
+    clf = get_classifier(data)
+    x, labels = x[:100], labels[:100]
+    target = (labels + 1) % 10
+    for strength, threshold, guidance in ((0.5, 0.5, 1.0), (0.7, 0.5, 1.0), (0.7, 0.3, 1.0),
+                                          (0.7, 0.3, 3.0), (0.9, 0.2, 3.0)):
+        t = time.process_time()
+        out, mask = model.diffedit(x, labels, target, strength=strength, steps=20,
+                                   threshold=threshold, guidance=guidance)
+        out = from_uint8(to_uint8(out))
+        hit = float((clf.predict(out) == target).float().mean())
+        exact = bool(((out - x).abs() * (1 - mask)).max() == 0)
+        rows.append({"part": "diffedit", "strength": strength, "threshold": threshold,
+                     "guidance": guidance, "target_rate": hit, "mask_area": float(mask.mean()),
+                     "outside_exact": exact, "cpu_s": time.process_time() - t})
+        lines.append(f"| {strength:g} | {threshold:g} | {guidance:g} | {hit:.2f} | "
+                     f"{float(mask.mean()):.2f} | {'yes' if exact else 'no'} | "
+                     f"{time.process_time() - t:.0f} |")
         print(lines[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     import matplotlib

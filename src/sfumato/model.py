@@ -264,15 +264,16 @@ class Model:
                       generator=per_sample_generators(seed, x.shape[0]), **cond)
 
     @torch.no_grad()
-    def diffedit(self, x: torch.Tensor, source: int | str | None, target: int | str, *,
+    def diffedit(self, x: torch.Tensor, source: int | str | torch.Tensor | None,
+                 target: int | str | torch.Tensor, *,
                  strength: float = 0.5, steps: int | None = None, sampler: str = "ddim",
                  seed: int = 0, threshold: float = 0.5, mask_draws: int = 10,
                  guidance: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """DiffEdit images x (B, *data_shape) from ``source`` to ``target`` (a class index
-        or a prompt; source None = unconditional) (:mod:`sfumato.edit.diffedit`): the mask
-        where the two disagree at the level ``strength`` picks (as SDEdit's), then masked
-        inversion and decoding in ``steps`` steps of the run's grid. Returns (edited images,
-        masks (B, 1, H, W))."""
+        """DiffEdit images x (B, *data_shape) from ``source`` to ``target`` (a class index,
+        (B,) classes or a prompt; source None = unconditional) (:mod:`sfumato.edit.diffedit`):
+        the mask where the two disagree at the level ``strength`` picks (as SDEdit's), then
+        masked inversion and decoding in ``steps`` steps of the run's grid. Returns (edited
+        images, masks (B, 1, H, W))."""
         from .edit import diffedit, diffedit_mask, partial_grid
         from .samplers._api import per_sample_generators
 
