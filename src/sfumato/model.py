@@ -304,18 +304,22 @@ class Model:
         ``samples`` = K > 1 (default 4) returns the mean of K posterior samples per
         measurement (towards the posterior mean as K grows: the better estimate by PSNR and by
         class accuracy, blurrier where the posterior is wide); ``samples=1`` one posterior
-        sample.
-        Unconditional by default (the null label / empty prompt); ``class_labels`` or
-        ``prompt`` condition it, with ``guidance`` as in :meth:`sample`. ``steps``: levels of
-        the run's grid (default :data:`sfumato.inverse.DEFAULT_STEPS`); ``sampler``: the
-        method's default if None; restoration i depends only on ``seed``, i and ``samples``.
-        ``options``: the method's own parameters (``zeta``, ``prior_std``, ...)."""
+        sample. Unconditional by default (the null label / empty prompt); ``class_labels``
+        (one, or one per measurement) or ``prompt`` (likewise) condition it, with
+        ``guidance`` as in :meth:`sample`. ``steps``: levels of the run's grid (default
+        :data:`sfumato.inverse.DEFAULT_STEPS`); ``sampler``: the method's default if None.
+        Restoration i depends only on ``seed``, i and ``samples``. ``options``: the method's
+        own parameters (``zeta``, ``prior_std``, ...)."""
         from .inverse import DEFAULT_STEPS, Inpaint, Restoration, restore
         from .samplers._api import per_sample_generators
 
         if samples < 1:
             raise UsageError(f"samples must be >= 1; got {samples}")
         n = y.shape[0] * samples
+        if torch.is_tensor(class_labels) and class_labels.numel() == y.shape[0] > 1:
+            class_labels = class_labels.reshape(-1).repeat_interleave(samples)  # per image
+        if isinstance(prompt, (list, tuple)) and len(prompt) == y.shape[0] > 1:
+            prompt = [p for p in prompt for _ in range(samples)]
         den, cond, _ = self._edit_setup(torch.empty(n, *self.shape), class_labels, prompt,
                                         guidance)
         sigmas = self._grid(steps or DEFAULT_STEPS)
