@@ -104,7 +104,7 @@ def main() -> None:
     from sfumato.metrics.classifier import get_classifier
 
     clf = get_classifier(data)
-    x, labels = x[:100], labels[:100]
+    x, labels = from_uint8(to_uint8(data.heldout[:100])), data.heldout_labels[:100]
     target = (labels + 1) % 10
     for strength, threshold, guidance in ((0.5, 0.5, 1.0), (0.7, 0.5, 1.0), (0.7, 0.3, 1.0),
                                           (0.7, 0.3, 3.0), (0.9, 0.2, 3.0)):
