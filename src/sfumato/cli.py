@@ -601,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="NOISE.npz", help="output .npz")
     p.set_defaults(func=_cmd_invert)
 
-    p = image_command("edit", "edit images with the run as prior (SDEdit)",
+    p = image_command("edit", "edit images with the run as prior (SDEdit, DiffEdit)",
                       "SDEdit: noise the images to the level --strength picks (0 keeps them, "
                       "1 is pure noise) and sample back down in --steps steps, steered by "
                       "--class / --prompt. DiffEdit (--method diffedit): edit only where the "
