@@ -197,3 +197,14 @@ def test_cli_diffedit(tmp_path, capsys):
     assert cli.main(["edit", str(run), "--input", str(tmp_path / "in.npz"), "--method",
                      "diffedit", "--out", str(out)]) == 2
     assert "target" in capsys.readouterr().err
+
+
+def test_sample_from_given_noise(gm):
+    from sfumato.samplers import sample
+
+    z = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = sample(gm, (5, 4), sampler="heun", steps=6, noise=z, dtype=torch.float64)
+    b = sample_heun(gm, 80.0 * z, get_sigmas("karras", 6, sigma_min=0.002, sigma_max=80.0))
+    assert torch.equal(a, b)
+    with pytest.raises(UsageError, match="noise must have the sample shape"):
+        sample(gm, (5, 4), noise=z[:2])
