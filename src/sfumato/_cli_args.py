@@ -1,0 +1,28 @@
+"""Argument types shared by the command-line modules (:mod:`sfumato.cli`,
+:mod:`sfumato.cli_edit`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _class_label(text: str) -> int | str | None:
+    """``--class``: a class index, ``none`` for unconditional (``auto``: the default)."""
+    special = {"none": None, "auto": "auto"}
+    if text.lower() in special:
+        return special[text.lower()]
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a class index or 'none' (unconditional), got {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+    return v
