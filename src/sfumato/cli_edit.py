@@ -75,25 +75,21 @@ def _cmd_invert(args: argparse.Namespace) -> int:
     from .files import atomic_write
     from .model import load
 
+    out = Path(args.out)
+    if out.suffix != ".npz":
+        raise UsageError(f"--out must end in .npz; got {str(out)!r}")
     model = load(args.run)
     x = _read_run_images(model, args.input)
-    sampler = args.sampler
+    sampler = model.inversion_sampler(args.sampler)
     z = model.invert(x, sampler=sampler, steps=args.steps, class_labels=args.class_label,
                      prompt=args.prompt, guidance=args.guidance, iters=args.iters)
     steps = args.steps or int(model.run.sampling["steps"])
-    from .edit import INVERTIBLE
-
-    run_sampler = model.run.sampling["sampler"]
-    sampler = sampler or (run_sampler if run_sampler in INVERTIBLE else "heun")
     record = {"noise": z.cpu().numpy().astype(np.float32), "sampler": np.array(sampler),
               "steps": np.array(steps), "class_label": np.array(
                   -1 if args.class_label is None else args.class_label),
               "guidance": np.array(np.nan if args.guidance is None else args.guidance)}
     if args.prompt is not None:
         record["prompt"] = np.array(args.prompt)
-    out = Path(args.out)
-    if out.suffix != ".npz":
-        raise UsageError(f"--out must end in .npz; got {str(out)!r}")
     with atomic_write(out) as tmp:
         np.savez(tmp, **record)
     print(f"inverted {len(z)} image(s) with {sampler}, {steps} steps; wrote {out} (sample it "

@@ -235,14 +235,21 @@ class Model:
                guidance: float | None = None, iters: int = 20) -> torch.Tensor:
         """The unit noise (B, *data_shape) from which ``sample(noise=...)`` with the same
         sampler, steps and conditioning reproduces images x (:func:`sfumato.edit.invert`;
-        sampler default: the run's if it is invertible, else Heun)."""
-        from .edit import INVERTIBLE, invert
+        sampler: :meth:`inversion_sampler`)."""
+        from .edit import invert
 
         den, cond, x = self._edit_setup(x, class_labels, prompt, guidance)
-        run_sampler = self.run.sampling["sampler"]
-        sampler = sampler or (run_sampler if run_sampler in INVERTIBLE else "heun")
         sigmas = self._grid(steps)
-        return invert(den, x, sigmas, sampler=sampler, iters=iters, **cond) / float(sigmas[0])
+        return invert(den, x, sigmas, sampler=self.inversion_sampler(sampler), iters=iters,
+                      **cond) / float(sigmas[0])
+
+    def inversion_sampler(self, sampler: str | None = None) -> str:
+        """The sampler :meth:`invert` runs: ``sampler`` if given, else the run's if it is
+        invertible (:data:`sfumato.edit.INVERTIBLE`), else Heun."""
+        from .edit import INVERTIBLE
+
+        run_sampler = self.run.sampling["sampler"]
+        return sampler or (run_sampler if run_sampler in INVERTIBLE else "heun")
 
     @torch.no_grad()
     def edit(self, x: torch.Tensor, strength: float, *, steps: int | None = None,
