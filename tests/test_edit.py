@@ -108,13 +108,54 @@ def test_invert_refuses_samplers_without_a_per_step_inverse(gm):
             invert(gm, torch.zeros(1, 4), sig, sampler=name)
 
 
-def test_cli_invert_sample_edit(tmp_path, capsys):
-    """Invert images, sample the noise back (bit-exact uint8), SDEdit, and clear errors."""
-    from sfumato.data import get_dataset, to_uint8
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny class-conditional digits run (trained for 30 steps)."""
     from sfumato.train.trainer import train
 
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("edit") / "run"
     train(TINY_TEACHER, out=run, progress=False)
+    return run
+
+
+def _heldout(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sfumato.data import get_dataset
+
+    ds = get_dataset({"name": "digits"})
+    return ds.heldout[:n], ds.heldout_labels[:n]
+
+
+def test_null_text_inversion_reproduces_under_guidance(tiny_run):
+    """At guidance 3 plain DDIM inversion drifts; tuning the unconditional branch per step
+    (Mokady et al. 2023) brings sampling back onto the image; zero offsets are plain CFG."""
+    from sfumato.edit import NullOffsetGuidance
+    from sfumato.model import load
+
+    m = load(tiny_run)
+    x, y = _heldout(4)
+    kw = {"sampler": "euler", "steps": 10, "class_labels": y, "guidance": 3.0}
+    plain = m.sample(4, noise=m.invert(x, iters=0, **kw), **kw).x
+    inv = m.null_text_invert(x, guidance=3.0, steps=10, class_labels=y)
+    assert inv.offsets.shape == (10, 4, 32) and inv.x_T.shape == x.shape
+    tuned = m.sample(4, noise=inv.x_T / inv.sigmas[0], null_offsets=inv.offsets, **kw).x
+    err_plain, err_tuned = (float((r - x).pow(2).mean().sqrt()) for r in (plain, tuned))
+    assert err_tuned < 0.2 * err_plain and err_tuned < 0.01, (err_tuned, err_plain)
+    # zero offsets are plain guidance exactly; the offsets belong to their grid
+    guided = m.guided(3.0)
+    zero = NullOffsetGuidance(guided, inv.sigmas, torch.zeros_like(inv.offsets))
+    s = inv.sigmas[3]
+    assert torch.equal(zero(inv.x_T, s, class_labels=y), guided(inv.x_T, s, class_labels=y))
+    with pytest.raises(UsageError, match="not a level of the grid"):
+        zero(inv.x_T, 0.5 * (inv.sigmas[3] + inv.sigmas[4]), class_labels=y)
+    with pytest.raises(UsageError, match="classifier-free guidance"):
+        m.null_text_invert(x, guidance=1.0, steps=10, class_labels=y)
+
+
+def test_cli_invert_sample_edit(tiny_run, tmp_path, capsys):
+    """Invert images, sample the noise back (bit-exact uint8), SDEdit, and clear errors."""
+    from sfumato.data import get_dataset, to_uint8
+
+    run = tiny_run
     digits = to_uint8(get_dataset({"name": "digits"}).heldout[:6]).numpy()
     np.savez(tmp_path / "in.npz", images=digits)
     noise = tmp_path / "z.npz"
@@ -128,6 +169,17 @@ def test_cli_invert_sample_edit(tmp_path, capsys):
                      "--class", "3", "--sampler", "euler", "--out", str(noise)]) == 0
     assert cli.main(["sample", str(run), "--noise", str(noise), "--out", str(rec)]) == 0
     assert np.array_equal(np.load(rec)["images"], digits)
+    # null-text inversion at guidance 3 samples back within one grey level
+    assert cli.main(["invert", str(run), "--input", str(tmp_path / "in.npz"), "--steps", "10",
+                     "--class", "3", "--guidance", "3", "--null-text", "--out",
+                     str(noise)]) == 0
+    assert cli.main(["sample", str(run), "--noise", str(noise), "--out", str(rec)]) == 0
+    diff = np.abs(np.load(rec)["images"].astype(int) - digits)
+    assert diff.max() <= 2 and diff.mean() < 0.2, (diff.max(), diff.mean())
+    capsys.readouterr()
+    assert cli.main(["invert", str(run), "--input", str(tmp_path / "in.npz"), "--null-text",
+                     "--out", str(noise)]) == 2
+    assert "--guidance W > 1" in capsys.readouterr().err
     out = tmp_path / "edit.npz"
     assert cli.main(["edit", str(run), "--input", str(tmp_path / "in.npz"), "--strength",
                      "0.4", "--class", "7", "--steps", "4", "--out", str(out)]) == 0
@@ -178,12 +230,10 @@ def test_diffedit_edits_where_the_classes_differ_and_nowhere_else():
         diffedit_mask(gm, x0, 1.0, src, tgt, threshold=1.5, generator=torch.Generator())
 
 
-def test_cli_diffedit(tmp_path, capsys):
+def test_cli_diffedit(tiny_run, tmp_path, capsys):
     from sfumato.data import get_dataset, to_uint8
-    from sfumato.train.trainer import train
 
-    run = tmp_path / "run"
-    train(TINY_TEACHER, out=run, progress=False)
+    run = tiny_run
     digits = to_uint8(get_dataset({"name": "digits"}).heldout[:3]).numpy()
     np.savez(tmp_path / "in.npz", images=digits)
     out, masks = tmp_path / "out.npz", tmp_path / "mask.npz"

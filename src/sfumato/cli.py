@@ -147,7 +147,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         from .cli_edit import read_noise
 
         rec = read_noise(args.noise)
-        kw["noise"], n = rec["noise"], len(rec["noise"])
+        kw["noise"], kw["null_offsets"], n = rec["noise"], rec["null_offsets"], len(rec["noise"])
         for key, value in (("sampler", rec["sampler"]), ("steps", rec["steps"]),
                            ("guidance", rec["guidance"]), ("prompt", rec["prompt"])):
             if kw.get(key) is None and value is not None:

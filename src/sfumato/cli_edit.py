@@ -80,11 +80,21 @@ def _cmd_invert(args: argparse.Namespace) -> int:
         raise UsageError(f"--out must end in .npz; got {str(out)!r}")
     model = load(args.run)
     x = _read_run_images(model, args.input)
-    sampler = model.inversion_sampler(args.sampler)
-    z = model.invert(x, sampler=sampler, steps=args.steps, class_labels=args.class_label,
-                     prompt=args.prompt, guidance=args.guidance, iters=args.iters)
+    cond = {"steps": args.steps, "class_labels": args.class_label, "prompt": args.prompt}
+    record = {}
+    if args.null_text:
+        if args.sampler not in (None, "euler") or not (args.guidance or 1.0) > 1.0:
+            raise UsageError("--null-text fits the unconditional branch of guided DDIM "
+                             "sampling: give --guidance W > 1 (and --sampler euler or none)")
+        sampler = "euler"
+        inv = model.null_text_invert(x, guidance=args.guidance, **cond)
+        z = inv.x_T / inv.sigmas[0]
+        record["null_offsets"] = inv.offsets.cpu().numpy().astype(np.float32)
+    else:
+        sampler = model.inversion_sampler(args.sampler)
+        z = model.invert(x, sampler=sampler, guidance=args.guidance, iters=args.iters, **cond)
     steps = args.steps or int(model.run.sampling["steps"])
-    record = {"noise": z.cpu().numpy().astype(np.float32), "sampler": np.array(sampler),
+    record |= {"noise": z.cpu().numpy().astype(np.float32), "sampler": np.array(sampler),
               "steps": np.array(steps), "class_label": np.array(
                   -1 if args.class_label is None else args.class_label),
               "guidance": np.array(np.nan if args.guidance is None else args.guidance)}
@@ -99,7 +109,7 @@ def _cmd_invert(args: argparse.Namespace) -> int:
 
 def read_noise(path: str) -> dict:
     """NOISE.npz from ``sfumato invert`` -> {"noise": tensor, "sampler", "steps",
-    "class_label", "guidance", "prompt"} (None where not recorded)."""
+    "class_label", "guidance", "prompt", "null_offsets"} (None where not recorded)."""
     import numpy as np
     import torch
 
@@ -118,7 +128,9 @@ def read_noise(path: str) -> dict:
     return {"noise": noise, "sampler": item("sampler"), "steps": item("steps"),
             "class_label": None if label is None or label < 0 else int(label),
             "guidance": None if guidance is None or guidance != guidance else guidance,
-            "prompt": item("prompt")}
+            "prompt": item("prompt"), "null_offsets": torch.from_numpy(
+                np.asarray(got["null_offsets"], dtype=np.float32))
+            if "null_offsets" in got else None}
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
@@ -130,7 +142,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         raise UsageError("--method p2p is not built yet; use sdedit or diffedit")
     model = load(args.run)
     x = _read_run_images(model, args.input)
-    if args.method == "diffedit":
+    if args.instruction is not None and model.kind != "instruct":
+        raise UsageError(f"--instruction needs an instruct run (InstructPix2Pix, e.g. trained "
+                         f"from configs/digits_instruct.json); {args.run} is a {model.kind} run")
+    if args.instruction is None and model.kind == "instruct":
+        raise UsageError("an instruct run edits by --instruction TEXT, e.g. 'make it thicker'")
+    if args.instruction is not None:
+        edited = model.instruct(x, args.instruction, image_guidance=args.image_guidance,
+                                guidance=args.guidance, steps=args.steps,
+                                sampler=args.sampler, seed=args.seed)
+        what = f"InstructPix2Pix: {args.instruction!r}"
+    elif args.method == "diffedit":
         target = args.prompt if args.prompt is not None else args.class_label
         source = args.source_prompt if args.source_prompt is not None else args.source_class
         if target is None:
@@ -148,10 +170,9 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         edited = model.edit(x, args.strength, steps=args.steps, sampler=args.sampler,
                             seed=args.seed, class_labels=args.class_label, prompt=args.prompt,
                             guidance=args.guidance)
-        what = "SDEdit"
+        what = f"SDEdit, strength {args.strength:g}"
     write_images(to_uint8(edited).numpy(), args.out)
-    print(f"edited {len(edited)} image(s) ({what}, strength {args.strength:g}); wrote "
-          f"{args.out}")
+    print(f"edited {len(edited)} image(s) ({what}); wrote {args.out}")
     return 0
 
 
@@ -198,6 +219,10 @@ def add_parsers(sub, sampler_names: list[str]) -> None:
                    help="steps (default: the run's)")
     p.add_argument("--iters", type=int, default=20,
                    help="fixed-point iterations per step (0: plain DDIM inversion)")
+    p.add_argument("--null-text", action="store_true",
+                   help="null-text inversion (Mokady et al. 2023) for sampling with --guidance "
+                        "W > 1: the unconditional branch is tuned per step so that guided "
+                        "DDIM (euler) sampling reproduces the images")
     conditioning(p)
     p.add_argument("--out", required=True, metavar="NOISE.npz", help="output .npz")
     p.set_defaults(func=_cmd_invert)
@@ -207,7 +232,10 @@ def add_parsers(sub, sampler_names: list[str]) -> None:
                       "1 is pure noise) and sample back down in --steps steps, steered by "
                       "--class / --prompt. DiffEdit (--method diffedit): edit only where the "
                       "target (--class / --prompt) and the source (--source-class / "
-                      "--source-prompt) disagree; the rest stays exactly as given.")
+                      "--source-prompt) disagree; the rest stays exactly as given. An "
+                      "instruct run (InstructPix2Pix) edits by --instruction TEXT, with "
+                      "--image-guidance (closeness to the input) and --guidance (strength of "
+                      "the instruction).")
     p.add_argument("--method", default="sdedit", choices=["sdedit", "p2p", "diffedit"],
                    help="default: %(default)s")
     p.add_argument("--strength", type=float, default=0.5,
@@ -220,6 +248,10 @@ def add_parsers(sub, sampler_names: list[str]) -> None:
                    help="diffedit: mask threshold in (0, 1) (default 0.5)")
     p.add_argument("--mask-out", default=None, metavar="FILE",
                    help="diffedit: also write the masks (.png / .npz)")
+    p.add_argument("--instruction", default=None, metavar="TEXT",
+                   help="an instruct run's edit, e.g. 'make it thicker'")
+    p.add_argument("--image-guidance", type=float, default=1.5, metavar="S",
+                   help="instruct: image guidance scale s_I (default 1.5)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="sampler steps from the starting level (default: the run's)")
     p.add_argument("--sampler", default=None, choices=sampler_names, metavar="NAME")

@@ -165,7 +165,8 @@ class Model:
                guidance_rescale: float = 0.0, hint: torch.Tensor | None = None,
                control_scale: float = 1.0, prompt: str | Sequence[str] | None = None,
                sigmas: torch.Tensor | Sequence[float] | None = None,
-               noise: torch.Tensor | None = None, **sampler_kwargs) -> Samples:
+               noise: torch.Tensor | None = None, null_offsets: torch.Tensor | None = None,
+               **sampler_kwargs) -> Samples:
         """n samples (sample i depends only on ``seed`` and i), as :class:`Samples`.
 
         ``class_labels``: an int or (n,) tensor of classes for a class-conditional model (or
@@ -181,6 +182,7 @@ class Model:
         :meth:`optimize_sigmas`' ``.sigmas``) instead of steps and grid. ``noise``: (n,
         *data_shape) unit starting noise instead of the seed's (e.g. from :meth:`invert`; with
         the same sampler, steps and conditioning it reproduces the inverted images).
+        ``null_offsets``: (steps, n, E) from :meth:`null_text_invert`, for the Euler sampler.
         """
         from .sigmas import get_sigmas
 
@@ -203,6 +205,14 @@ class Model:
             n, class_labels, guidance, classifier=classifier, autoguide=autoguide,
             interval=guidance_interval, rescale=guidance_rescale, hint=hint,
             control_scale=control_scale, prompt=prompt)
+        if null_offsets is not None:
+            from .edit import NullOffsetGuidance
+
+            if cfg["sampler"] not in ("euler", "ddim") or sampler_kwargs:
+                raise UsageError("null-text offsets were fitted for the deterministic DDIM "
+                                 "(euler) sampler: sample with sampler='euler'")
+            den = NullOffsetGuidance(den, cfg["sigmas"].to(self.device),
+                                     torch.as_tensor(null_offsets).to(self.device))
         out.x = sample_from(den, (n, *self.shape), cfg, seed=seed, device=self.device,
                             noise=noise, **cond)
         out.sampler, out.sigmas = cfg["sampler"], cfg["sigmas"]
@@ -243,6 +253,21 @@ class Model:
         return invert(den, x, sigmas, sampler=self.inversion_sampler(sampler), iters=iters,
                       **cond) / float(sigmas[0])
 
+    def null_text_invert(self, x: torch.Tensor, *, guidance: float, steps: int | None = None,
+                         class_labels: ClassLabels = None,
+                         prompt: str | Sequence[str] | None = None, iters: int = 10,
+                         lr: float = 3e-2):
+        """Null-text inversion of images x (B, *data_shape) for sampling with ``guidance``
+        w > 1 and the given class or prompt, on the Euler (DDIM) grid of ``steps``
+        (:func:`sfumato.edit.null_text_invert`). Returns its :class:`NullTextInversion`;
+        ``sample(noise=inv.x_T / inv.sigmas[0], null_offsets=inv.offsets, sampler="euler",
+        steps=steps, guidance=guidance, ...)`` reproduces x."""
+        from .edit import embedding_width, null_text_invert
+
+        den, cond, x = self._edit_setup(x, class_labels, prompt, guidance)
+        return null_text_invert(den, x, self._grid(steps).to(self.device),
+                                width=embedding_width(self.denoiser), iters=iters, lr=lr, **cond)
+
     def inversion_sampler(self, sampler: str | None = None) -> str:
         """The sampler :meth:`invert` runs: ``sampler`` if given, else the run's if it is
         invertible (:data:`sfumato.edit.INVERTIBLE`), else Heun."""
@@ -269,6 +294,38 @@ class Model:
                       sigma_min=s["sigma_min"], sigma_max=s["sigma_max"], grid=s["grid"],
                       sampler=sampler or s["sampler"],
                       generator=per_sample_generators(seed, x.shape[0]), **cond)
+
+    @torch.no_grad()
+    def instruct(self, x: torch.Tensor, instruction: str | Sequence[str], *,
+                 image_guidance: float = 1.5, guidance: float | None = None,
+                 steps: int | None = None, sampler: str | None = None, seed: int = 0
+                 ) -> torch.Tensor:
+        """Edit images x (B, *data_shape) by a text ``instruction`` (one, or B) with an
+        instruct run (InstructPix2Pix, :mod:`sfumato.edit.instruct`): ``image_guidance`` s_I
+        (closeness to the input), ``guidance`` s_T (strength of the instruction; default
+        the run's). Image i depends only on ``seed`` and i."""
+        from .edit.instruct import InstructGuidance
+        from .samplers._api import sample_from
+
+        if self.kind != "instruct":
+            raise UsageError("instruction editing needs an instruct run (config section "
+                             "'instruct', e.g. configs/digits_instruct.json)")
+        if tuple(x.shape[1:]) != tuple(self.shape):
+            raise UsageError(f"images must have this run's shape (batch, "
+                             f"{', '.join(map(str, self.shape))}); got {tuple(x.shape)}")
+        n = x.shape[0]
+        texts = [instruction] if isinstance(instruction, str) else list(instruction)
+        if len(texts) not in (1, n):
+            raise UsageError(f"give one instruction or {n}; got {len(texts)}")
+        text = {k: v.to(self.device).expand(n, *v.shape[1:]) if len(texts) == 1
+                else v.to(self.device) for k, v in self.text.prompts(texts).items()}
+        scale = float(self.run.sampling.get("guidance", 1.0) if guidance is None else guidance)
+        guided = InstructGuidance(self.denoiser, image_guidance, scale,
+                                  null_text=self.text.null())
+        cfg = dict(self.run.sampling)
+        cfg.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
+        return sample_from(guided, (n, *self.shape), cfg, seed=seed, device=self.device,
+                           image=x.to(self.device), **text)
 
     @torch.no_grad()
     def diffedit(self, x: torch.Tensor, source: int | str | torch.Tensor | None,

@@ -49,7 +49,7 @@ __all__ = ["KINDS", "Run", "RunRef", "run_kind", "network_config", "build_networ
            "build_denoiser",
            "resolve_ref"]
 
-#: The kinds of run, and what each one is. The first four exist; the others are the run kinds
+#: The kinds of run, and what each one is. The first six exist; the others are the run kinds
 #: that later issues add (each records the runs it is built from in ``refs``).
 KINDS: dict[str, str] = {
     "diffusion": "a denoiser trained on a data set (class-conditional or not)",
@@ -57,6 +57,7 @@ KINDS: dict[str, str] = {
     "controlnet": "a frozen diffusion base run plus a ControlNet steered by spatial hints",
     "classifier": "a noise-conditional classifier (for classifier guidance)",
     "student": "a few-step student distilled from a teacher run",
+    "instruct": "a denoiser that edits an input image by a text instruction (InstructPix2Pix)",
     "autoencoder": "an autoencoder whose latents a latent run models",
     "latent": "a denoiser in an autoencoder run's latent space",
     "cascade": "diffusion runs joined in stages of growing resolution",
@@ -74,6 +75,8 @@ def run_kind(config: Mapping[str, Any]) -> str:
         return "classifier"
     if config["model"].get("type") == "controlnet":
         return "controlnet"
+    if (config.get("instruct") or {}).get("edits"):
+        return "instruct"
     if (config.get("text") or {}).get("encoder"):
         return "text"
     return "diffusion"

@@ -12,6 +12,8 @@ context=None) -> y`` (y has x_in's shape), to be wrapped by :class:`sfumato.deno
   ``net(x_in, c_noise) -> logits`` for classifier guidance (objective target "classifier").
 - :class:`TextConditioned` (``"text_conditioned"``): a UNet/DiT with context_dim plus its own
   trainable :class:`~sfumato.text.TinyTextEncoder`, taking ``text_ids``/``text_mask``.
+- :class:`ImageConditioned` (``"image_conditioned"``): a UNet/DiT taking an input image
+  (``image`` kwarg) as extra channels (InstructPix2Pix).
 
 ``build_net({"type": "unet", "image_size": 8, "in_channels": 1, ...})`` builds one from a
 config dict (as stored in a JSON checkpoint config); :func:`count_params` counts parameters.
@@ -32,13 +34,14 @@ from typing import Any
 from torch import nn
 
 from ..errors import ConfigError, did_you_mean
-from ._common import check_kwargs
+from ._common import check_kwargs, split_base
 from .classifier import EncoderClassifier
 from .controlnet import ControlledUNet, ControlNet
 from .diffusers_adapter import DiffusersUNet
 from .dit import DiT
 from .embedding import ConditionEmbedding, FourierEmbedding, NoiseEmbedding, PositionalEmbedding
 from .guidance_embedded import GuidanceEmbedded
+from .image_conditioned import ImageConditioned, build_image_conditioned
 from .mlp import MLP
 from .text import TextConditioned
 from .unet import UNet
@@ -55,6 +58,7 @@ __all__ = [
     "ControlNet",
     "ControlledUNet",
     "TextConditioned",
+    "ImageConditioned",
     "ConditionEmbedding",
     "NoiseEmbedding",
     "PositionalEmbedding",
@@ -112,21 +116,15 @@ def _build_guidance_embedded(kwargs: dict[str, Any]) -> nn.Module:
     """``{"type": "guidance_embedded", "base": {network config}, "features": 32}`` -> a
     :class:`GuidanceEmbedded` (``num_classes``, as :func:`sfumato.run.network_config` adds it,
     goes to the base)."""
-    kw = dict(kwargs)
-    base_cfg = kw.pop("base", None)
-    if not isinstance(base_cfg, Mapping):
-        raise ConfigError("a 'guidance_embedded' net config needs 'base': the network's config")
-    base_cfg = {k: v for k, v in base_cfg.items() if k != "conditional"}
-    if kw.get("num_classes"):
-        base_cfg["num_classes"] = kw.pop("num_classes")
-    kw.pop("num_classes", None)
+    base_cfg, kw = split_base(kwargs, "guidance_embedded")
     check_kwargs("'guidance_embedded' net config", GuidanceEmbedded.__init__, kw,
                  skip=("self", "base"))
     return GuidanceEmbedded(build_net(base_cfg), **kw)
 
 
 #: networks built around another one given as ``base``
-WRAPPERS = {"controlnet": _build_controlled, "guidance_embedded": _build_guidance_embedded}
+WRAPPERS = {"controlnet": _build_controlled, "guidance_embedded": _build_guidance_embedded,
+            "image_conditioned": build_image_conditioned}
 
 
 def count_params(net: nn.Module, trainable_only: bool = False) -> int:

@@ -46,3 +46,18 @@ def check_heads(width: int, num_heads: int, what: str) -> None:
     """ConfigError unless ``width`` splits into ``num_heads`` equal heads."""
     if width % num_heads:
         raise ConfigError(f"{what} {width} not divisible by num_heads {num_heads}")
+
+
+def split_base(kwargs: Mapping[str, Any], kind: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A wrapper's net config (without "type") -> (its base network's config, the wrapper's
+    own kwargs). ``num_classes``, as :func:`sfumato.run.network_config` adds it, goes to the
+    base; the base's ``conditional`` flag is dropped (the run resolved it)."""
+    kw = dict(kwargs)
+    base_cfg = kw.pop("base", None)
+    if not isinstance(base_cfg, Mapping):
+        raise ConfigError(f"a {kind!r} net config needs 'base': the network's config")
+    base_cfg = {k: v for k, v in base_cfg.items() if k != "conditional"}
+    if kw.get("num_classes"):
+        base_cfg["num_classes"] = kw["num_classes"]
+    kw.pop("num_classes", None)
+    return base_cfg, kw

@@ -51,6 +51,10 @@ DEFAULTS: dict[str, Any] = {
         "drop": 0.1,                # probability of the null text (classifier-free guidance)
         "keep": 0.7,                # probability of keeping each attribute word
     },
+    "instruct": {                   # InstructPix2Pix pairs (sfumato.edit.instruct)
+        "edits": [],                # names of sfumato.edit.attributes.EDITS; [] = off
+        "drop": 0.05,               # probability of dropping the image, the text, both (each)
+    },
     "sample": {
         **SAMPLING_DEFAULTS,        # sampler, steps, grid, sigma range (sfumato.samplers)
         "n_grid": 64,

@@ -180,23 +180,42 @@ class Trainer:
         """Caption the training images and encode the captions once (``text`` section)."""
         from ..text.conditioner import TextConditioner
 
-        self.text = None
-        tcfg = self.cfg["text"]
+        self.text = self.instruct = None
+        tcfg, icfg = self.cfg["text"], self.cfg["instruct"]
+        if icfg["edits"] and not tcfg["encoder"]:
+            raise ConfigError("instruct.edits needs a text encoder for the instructions: set "
+                              "text.encoder ('minilm' or 'tiny')")
         if not tcfg["encoder"]:
+            return
+        if icfg["edits"]:  # instruction pairs, not captions
+            from ..edit.instruct import InstructionPairs
+
+            self._check_text_net(tcfg["encoder"])
+            self.text = TextConditioner(tcfg)
+            self.instruct = InstructionPairs(icfg["edits"], self.text.prompts, self.text.null(),
+                                             icfg["drop"])
             return
         if self.y_train is None or self.x_train.ndim != 4:
             raise ConfigError("text conditioning captions labelled images; "
                               f"{self.cfg['data']} has no labels")
-        mtype = self.cfg["model"]["type"]
-        if tcfg["encoder"] == "tiny" and mtype != "text_conditioned":
-            raise ConfigError("text.encoder 'tiny' trains its encoder inside the model: use "
-                              "model.type 'text_conditioned' (backbone + encoder)")
-        if tcfg["encoder"] == "minilm" and self.cfg["model"].get("context_dim") != 384:
-            raise ConfigError("text.encoder 'minilm' gives 384-d token states: build the "
-                              "network with model.context_dim = 384")
+        self._check_text_net(tcfg["encoder"])
         g = torch.Generator().manual_seed(self.cfg["train"]["seed"] + 7)
         self.text = TextConditioner(tcfg).fit(self.x_train, self.y_train,
                                               int(self.data.num_classes), g)
+
+    def _check_text_net(self, encoder: str) -> None:
+        """The network takes what the text encoder gives (a wrapper's base is checked)."""
+        model = self.cfg["model"]
+        net = model.get("base", model) if model["type"] == "image_conditioned" else model
+        if encoder != "minilm" and net is not model:
+            raise ConfigError("an image-conditioned (instruct) network takes the frozen "
+                              "encoder's states: set text.encoder 'minilm'")
+        if encoder == "tiny" and net["type"] != "text_conditioned":
+            raise ConfigError("text.encoder 'tiny' trains its encoder inside the model: use "
+                              "model.type 'text_conditioned' (backbone + encoder)")
+        if encoder == "minilm" and net.get("context_dim") != 384:
+            raise ConfigError("text.encoder 'minilm' gives 384-d token states: build the "
+                              "network with model.context_dim = 384")
 
     def hint_cond(self, x0: torch.Tensor) -> dict[str, torch.Tensor]:
         """For a ControlNet run, ``{"hint": hint made from the clean images x0}``."""
@@ -297,7 +316,10 @@ class Trainer:
                 drop = torch.rand(B, generator=self.g_data) < self.cfg["objective"]["label_dropout"]
                 y = torch.where(drop, torch.full_like(y, self.num_classes), y)
             cond["class_labels"] = y
-        if self.text is not None:
+        if self.instruct is not None:  # x0 becomes the edited image, the input a condition
+            x0, pair = self.instruct.batch(x0, self.g_data)
+            cond.update(pair)
+        elif self.text is not None:
             cond.update(self.text.batch(idx, self.g_data))
         cond.update(self.hint_cond(x0))
         sigma = self.objective.sample_sigma(B, self.denoiser, generator=self.g_noise)
@@ -407,11 +429,11 @@ class Trainer:
         n = sc["n_grid"]
         labels = (torch.arange(n) % self.num_classes) if self.num_classes else None
         cond = {}
-        if self.hint:  # hints of real images, first rows of the held-out split (or train)
-            real = self.data.heldout if getattr(self.data, "heldout", None) is not None \
-                else self.x_train
-            cond = self.hint_cond(real[torch.arange(n) % real.shape[0]])
-        if self.text is not None:  # each class's plain prompt, like the class grid
+        if self.hint:  # hints of real images
+            cond = self.hint_cond(self._real_rows(n))
+        if self.instruct is not None:  # held-out digits, each edit in turn
+            cond = self.instruct.examples(self._real_rows(n))
+        elif self.text is not None:  # each class's plain prompt, like the class grid
             cond = self.text.prompts(default_prompts(n, int(self.data.num_classes)))
         cond = {k: v.to(self.device) for k, v in cond.items()}
         x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
@@ -419,6 +441,12 @@ class Trainer:
         path = self.out / "samples" / f"step-{self.step:08d}.png"
         save_grid(to_uint8(x.cpu()), path)
         return path
+
+    def _real_rows(self, n: int) -> torch.Tensor:
+        """n real images: the first rows of the held-out split (or train), cycled."""
+        real = self.data.heldout if getattr(self.data, "heldout", None) is not None \
+            else self.x_train
+        return real[torch.arange(n) % real.shape[0]]
 
     def write_loss_plot(self) -> Path | None:
         if not self.losses:
