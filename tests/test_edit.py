@@ -101,6 +101,24 @@ def test_inversion_under_guidance(gm):
     assert float((plain - x0).abs().max()) > 1e-3
 
 
+def test_anderson_solve_with_a_sample_already_solved():
+    """A sample whose residual is already zero makes its difference matrix singular; it
+    stays put while the others converge (this used to raise)."""
+    from sfumato.edit import anderson_solve
+
+    target = torch.tensor([[1.0, 2.0, 3.0], [3.0, -4.0, 0.5]])
+
+    def residual(z):
+        r = torch.tanh(target - z)
+        r[0] = 0.0
+        return r
+
+    x0 = torch.zeros(2, 3)
+    x = anderson_solve(residual, x0, iters=50, tol=1e-6)
+    assert torch.equal(x[0], x0[0])
+    torch.testing.assert_close(x[1], target[1], atol=1e-5, rtol=0)
+
+
 def test_invert_refuses_samplers_without_a_per_step_inverse(gm):
     sig = get_sigmas("karras", 4, sigma_min=0.002, sigma_max=80.0)
     for name in ("dpmpp_2m", "euler_ancestral"):
@@ -187,7 +205,10 @@ def test_cli_invert_sample_edit(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["edit", str(run), "--input", str(tmp_path / "in.npz"), "--method", "p2p",
                      "--out", str(out)]) == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert "--source-prompt" in capsys.readouterr().err
+    assert cli.main(["edit", str(run), "--input", str(tmp_path / "in.npz"), "--method", "p2p",
+                     "--source-prompt", "a 3", "--prompt", "a thick 3", "--out", str(out)]) == 2
+    assert "needs a text-conditioned run" in capsys.readouterr().err
     np.savez(tmp_path / "big.npz", images=np.zeros((1, 16, 16, 1), np.uint8))
     assert cli.main(["invert", str(run), "--input", str(tmp_path / "big.npz"), "--out",
                      str(noise)]) == 2
@@ -258,3 +279,58 @@ def test_sample_from_given_noise(gm):
     assert torch.equal(a, b)
     with pytest.raises(UsageError, match="noise must have the sample shape"):
         sample(gm, (5, 4), noise=z[:2])
+
+
+TINY_TEXT = {"data": {"name": "digits"},
+             "model": {"type": "text_conditioned", "encoder": {"depth": 1},
+                       "backbone": {"type": "unet", "image_size": 8, "in_channels": 1,
+                                    "model_channels": 8, "channel_mult": [1, 2],
+                                    "num_res_blocks": 1, "attention_resolutions": [4],
+                                    "mid_attention": False, "norm_groups": 4,
+                                    "context_dim": 16}},
+             "text": {"encoder": "tiny"},
+             "train": {"steps": 20, "batch_size": 16, "checkpoint_every": 0, "num_threads": 1,
+                       "precision": "fp32"},
+             "sample": {"sampler": "euler", "steps": 4, "n_grid": 4}}
+
+
+def test_prompt_to_prompt_on_a_text_run(tmp_path, capsys):
+    """A real image inverted under the source prompt comes back as the source image (null-text
+    at guidance 3, exact at 1); the control changes the target; the CLI writes the edit."""
+    from sfumato.data import to_uint8
+    from sfumato.model import load
+    from sfumato.train.trainer import train
+
+    train(TINY_TEXT, out=tmp_path / "text", progress=False)
+    m = load(tmp_path / "text")
+    from sfumato.nets.context import CrossAttention
+
+    for layer in (mod for mod in m.denoiser.modules() if isinstance(mod, CrossAttention)):
+        torch.nn.init.normal_(layer.proj.weight, std=0.3,
+                              generator=torch.Generator().manual_seed(0))  # attention matters
+    x, _ = _heldout(3)
+    for w in (1.0, 3.0):
+        src, tgt = m.prompt_to_prompt("a thin 3", "a bold 3", x=x, guidance=w, steps=6)
+        assert float((src - x).abs().max()) < (1e-3 if w == 1.0 else 0.05)
+        assert float((tgt - x).abs().max()) > 1e-3
+    free = m.prompt_to_prompt("a thin 3", "a bold 3", x=x, steps=6, cross_replace=0.0)[1]
+    held = m.prompt_to_prompt("a thin 3", "a bold 3", x=x, steps=6, cross_replace=1.0)[1]
+    assert not torch.allclose(free, held)
+    with pytest.raises(UsageError, match="same number of tokens"):
+        m.prompt_to_prompt("a thin 3", "a thick 3", n=2, steps=3)
+    refined = m.prompt_to_prompt("a thin 3", "a thick 3", n=2, steps=3, mode="refine",
+                                 reweight=("thick", 2.0))[1]
+    assert refined.shape == (2, 1, 8, 8) and torch.isfinite(refined).all()
+    np.savez(tmp_path / "in.npz", images=to_uint8(x).numpy())
+    out = tmp_path / "p2p.npz"
+    assert cli.main(["edit", str(tmp_path / "text"), "--input", str(tmp_path / "in.npz"),
+                     "--method", "p2p", "--source-prompt", "a thin 3", "--prompt", "a thick 3",
+                     "--p2p-mode", "refine", "--reweight", "thick=1.5", "--steps", "4",
+                     "--out", str(out)]) == 0
+    assert np.load(out)["images"].shape == (3, 8, 8, 1)
+    capsys.readouterr()
+    assert cli.main(["edit", str(tmp_path / "text"), "--input", str(tmp_path / "in.npz"),
+                     "--method", "p2p", "--source-prompt", "a 3", "--prompt", "a 4",
+                     "--reweight", "four", "--out", str(out)]) == 2
+    assert "WORD=C" in capsys.readouterr().err
+

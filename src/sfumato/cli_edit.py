@@ -138,8 +138,6 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     from .imageio import write_images
     from .model import load
 
-    if args.method == "p2p":
-        raise UsageError("--method p2p is not built yet; use sdedit or diffedit")
     model = load(args.run)
     x = _read_run_images(model, args.input)
     if args.instruction is not None and model.kind != "instruct":
@@ -152,6 +150,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
                                 guidance=args.guidance, steps=args.steps,
                                 sampler=args.sampler, seed=args.seed)
         what = f"InstructPix2Pix: {args.instruction!r}"
+    elif args.method == "p2p":
+        if args.source_prompt is None or args.prompt is None:
+            raise UsageError("p2p edits a prompt: give --source-prompt (what the input shows) "
+                             "and --prompt (the edited text)")
+        reweight = _reweight(args.reweight) if args.reweight else None
+        _, edited = model.prompt_to_prompt(args.source_prompt, args.prompt, x=x,
+                                           mode=args.p2p_mode,
+                                           cross_replace=args.cross_replace,
+                                           reweight=reweight, guidance=args.guidance,
+                                           steps=args.steps)
+        what = f"Prompt-to-Prompt {args.p2p_mode}: {args.source_prompt!r} -> {args.prompt!r}"
     elif args.method == "diffedit":
         target = args.prompt if args.prompt is not None else args.class_label
         source = args.source_prompt if args.source_prompt is not None else args.source_class
@@ -174,6 +183,17 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     write_images(to_uint8(edited).numpy(), args.out)
     print(f"edited {len(edited)} image(s) ({what}); wrote {args.out}")
     return 0
+
+
+def _reweight(spec: str) -> tuple[str, float]:
+    """``WORD=C`` -> (word, c)."""
+    word, sep, c = spec.rpartition("=")
+    try:
+        if not (sep and word):
+            raise ValueError
+        return word, float(c)
+    except ValueError:
+        raise UsageError(f"--reweight takes WORD=C (e.g. thick=2); got {spec!r}") from None
 
 
 def _read_mask(path: str, hw: tuple[int, int]):
@@ -232,7 +252,11 @@ def add_parsers(sub, sampler_names: list[str]) -> None:
                       "1 is pure noise) and sample back down in --steps steps, steered by "
                       "--class / --prompt. DiffEdit (--method diffedit): edit only where the "
                       "target (--class / --prompt) and the source (--source-class / "
-                      "--source-prompt) disagree; the rest stays exactly as given. An "
+                      "--source-prompt) disagree; the rest stays exactly as given. "
+                      "Prompt-to-Prompt (--method p2p, a text run): the input is inverted "
+                      "under --source-prompt (null-text inversion at --guidance > 1) and "
+                      "sampled again with --prompt while the cross-attention maps follow the "
+                      "source's. An "
                       "instruct run (InstructPix2Pix) edits by --instruction TEXT, with "
                       "--image-guidance (closeness to the input) and --guidance (strength of "
                       "the instruction).")
@@ -248,6 +272,13 @@ def add_parsers(sub, sampler_names: list[str]) -> None:
                    help="diffedit: mask threshold in (0, 1) (default 0.5)")
     p.add_argument("--mask-out", default=None, metavar="FILE",
                    help="diffedit: also write the masks (.png / .npz)")
+    p.add_argument("--p2p-mode", default="replace", choices=["replace", "refine"],
+                   help="p2p: word swap (same token count) or refine (words added/removed)")
+    p.add_argument("--cross-replace", type=float, default=0.6, metavar="F",
+                   help="p2p: fraction of the steps with the source's attention maps and "
+                        "pooled text (0.6)")
+    p.add_argument("--reweight", default=None, metavar="WORD=C",
+                   help="p2p: also scale the attention to WORD of --prompt by C")
     p.add_argument("--instruction", default=None, metavar="TEXT",
                    help="an instruct run's edit, e.g. 'make it thicker'")
     p.add_argument("--image-guidance", type=float, default=1.5, metavar="S",

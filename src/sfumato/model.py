@@ -328,6 +328,56 @@ class Model:
                            image=x.to(self.device), **text)
 
     @torch.no_grad()
+    def prompt_to_prompt(self, source: str, target: str, *, x: torch.Tensor | None = None,
+                         n: int = 1, seed: int = 0, mode: str = "replace",
+                         cross_replace: float = 0.6, reweight: tuple[str, float] | None = None,
+                         guidance: float | None = None, steps: int | None = None,
+                         null_text: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt-to-Prompt (:mod:`sfumato.edit.p2p`) on a text run: (source images, target
+        images), sampled together with the Euler (DDIM) sampler while the target's
+        cross-attention maps follow the source's for the first ``cross_replace`` of the steps.
+
+        ``mode``: "replace" (word swap, prompts of equal token count) or "refine" (added or
+        removed words); ``reweight=(word, c)`` also scales the target's attention to ``word``
+        by c. Without ``x``, n images from ``seed``; with images x (B, *data_shape), their
+        inversion under ``source`` (null-text inversion at guidance > 1 unless ``null_text``
+        is False, then the exact guided inversion), so the source images reproduce x."""
+        from .edit import NullOffsetGuidance, embedding_width, invert, null_text_invert
+        from .edit import p2p as P
+        from .samplers._api import initial_noise, per_sample_generators
+
+        if not self.text:
+            raise UsageError(f"Prompt-to-Prompt needs a text-conditioned run (cross-attention "
+                             f"on a prompt); this is a {self.kind} run")
+        w = float(self.run.sampling.get("guidance", 1.0) if guidance is None else guidance)
+        sigmas = self._grid(steps).to(self.device)
+        if x is None:
+            den = self.guided(w)
+            x_T = initial_noise((n, *self.shape), float(sigmas[0]),
+                                per_sample_generators(seed, n)).to(self.device)
+        else:
+            den, cond, x = self._edit_setup(x, None, source, w)
+            if w > 1 and null_text:
+                inv = null_text_invert(den, x, sigmas, width=embedding_width(self.denoiser),
+                                       **cond)
+                den, x_T = NullOffsetGuidance(den, sigmas, inv.offsets), inv.x_T
+            else:
+                x_T = invert(den, x, sigmas, sampler="euler", **cond)
+        enc, length = self.text.kind, self.text.max_length
+        tokens = [P.prompt_tokens(p, enc, length) for p in (source, target)]
+        controls = {"replace": P.AttentionReplace, "refine": P.AttentionRefine}
+        if mode not in controls:
+            raise UsageError(f"Prompt-to-Prompt mode must be one of {sorted(controls)}; got "
+                             f"{mode!r}")
+        ctl = controls[mode](*tokens, P.fraction_to_sigma(sigmas, cross_replace))
+        if reweight is not None:
+            ctl = P.AttentionReweight(P.word_positions(target, reweight[0], enc, length),
+                                      reweight[1], base=ctl)
+        src, tgt = ({k: v.to(self.device) for k, v in self.text.prompts([p]).items()}
+                    for p in (source, target))
+        return P.prompt_to_prompt(den, x_T, sigmas, src, tgt, ctl, sampler="euler")
+
+    @torch.no_grad()
     def diffedit(self, x: torch.Tensor, source: int | str | torch.Tensor | None,
                  target: int | str | torch.Tensor, *,
                  strength: float = 0.5, steps: int | None = None, sampler: str = "ddim",

@@ -58,8 +58,11 @@ def anderson_solve(residual: Callable[[torch.Tensor], torch.Tensor], x: torch.Te
         gram = dG.transpose(1, 2) @ dG
         ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-30)
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-        gamma = torch.linalg.solve(gram + ridge[:, None, None] * eye,
-                                   dG.transpose(1, 2) @ gs[-1][..., None])  # (B, m, 1)
+        gamma, info = torch.linalg.solve_ex(gram + ridge[:, None, None] * eye,
+                                            dG.transpose(1, 2) @ gs[-1][..., None])  # (B,m,1)
+        # a sample whose differences vanished (converged, or stalled) takes a plain step
+        ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
+        gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
         x = (xs[-1] + gs[-1] - ((dX + dG) @ gamma)[..., 0]).reshape(B, *x.shape[1:])
     return x
 

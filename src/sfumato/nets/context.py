@@ -21,10 +21,21 @@ same as ``context=None`` (the pooled input falls back to the null token too).
 
 Inside a network the blocks receive the prepared :class:`Context` (states with the null token
 in front and the matching mask) in their ``context`` argument.
+
+Attention control (Prompt-to-Prompt, :mod:`sfumato.edit.p2p`): every :class:`CrossAttention`
+has a plain attribute ``controller`` (not a parameter, buffer or submodule; never in the
+state dict), None by default, and then the forward is SDPA as above. When it is set, the
+attention probabilities are computed explicitly, ``probs = softmax(q k^T / sqrt(d))`` with
+masked keys at -inf, shape (B, heads, N queries, 1 + L keys) with key 0 the null token, and
+the output is ``controller(probs, layer) @ v`` through the same output projection.
+:class:`ContextEmbedding` has the same attribute: when it is set and has a ``pooled``
+method, its pooled text embedding (B, emb_dim) passes through ``controller.pooled`` (P2P holds the source's there too, as the
+pooled text fixes the layout as much as the maps do in these networks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -43,7 +54,7 @@ def require_context(context: object, block: str) -> Context:
                          "sfumato.nets.context)")
     return context
 
-__all__ = ["Context", "ContextEmbedding", "CrossAttention", "prepare_context"]
+__all__ = ["Context", "ContextEmbedding", "CrossAttention", "attention_probs", "prepare_context"]
 
 
 class Context(NamedTuple):
@@ -61,7 +72,12 @@ class CrossAttention(nn.Module):
     ``LayerNorm(tokens)`` -> q; ``context.states`` -> k, v (linear from ``context_dim``);
     SDPA with ``context.mask`` as a boolean attn_mask (B, 1, 1, L) broadcast over heads and
     queries; zero-initialised output projection (so the branch starts at zero).
+
+    ``controller``: None (SDPA), or a callable ``(probs (B, heads, N, L), layer) -> probs``
+    that edits the attention maps (module docstring); a plain attribute, not state.
     """
+
+    controller: Callable[[torch.Tensor, CrossAttention], torch.Tensor] | None
 
     def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
         super().__init__()
@@ -71,15 +87,27 @@ class CrossAttention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim, 2 * dim)
         self.proj = zero_(nn.Linear(dim, dim))
+        self.controller = None
 
     def forward(self, x: torch.Tensor, context: Context) -> torch.Tensor:
         B, N, D = x.shape
         nh = self.num_heads
-        q = self.q(self.norm(x)).reshape(B, N, nh, D // nh).transpose(1, 2)
+        q = self.q(self.norm(x)).reshape(B, N, nh, D // nh).transpose(1, 2)  # (B, nh, N, hs)
         s = context.states
         k, v = self.kv(s).reshape(B, s.shape[1], 2, nh, D // nh).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=context.mask[:, None, None, :])
+        mask = context.mask[:, None, None, :]  # (B, 1, 1, L)
+        if self.controller is None:
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            a = self.controller(attention_probs(q, k, mask), self) @ v
         return self.proj(a.transpose(1, 2).reshape(B, N, D))
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d))`` over the keys with masked keys (``mask`` False) at -inf:
+    q (B, nh, N, d), k (B, nh, L, d), mask broadcastable to (B, nh, N, L) -> (B, nh, N, L)."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
 class ContextEmbedding(nn.Module):
@@ -98,6 +126,7 @@ class ContextEmbedding(nn.Module):
         self.context_dim = context_dim
         self.null = nn.Parameter(torch.zeros(1, 1, context_dim))
         self.pool = zero_(nn.Linear(context_dim, emb_dim))
+        self.controller = None  # Prompt-to-Prompt: ``controller.pooled(p)`` edits the result
 
     def forward(self, context: torch.Tensor | None, context_mask: torch.Tensor | None,
                 batch: int) -> tuple[Context, torch.Tensor]:
@@ -126,7 +155,10 @@ class ContextEmbedding(nn.Module):
         pooled_in = torch.where(count > 0, mean, null[:, 0])
         states = torch.cat([null.expand(batch, 1, -1), context], dim=1)
         mask = torch.cat([m.new_ones(batch, 1), m], dim=1)
-        return Context(states, mask), self.pool(pooled_in)
+        pooled = self.pool(pooled_in)
+        if hasattr(self.controller, "pooled"):
+            pooled = self.controller.pooled(pooled)
+        return Context(states, mask), pooled
 
 
 def prepare_context(module: ContextEmbedding | None, name: str, emb: torch.Tensor,
