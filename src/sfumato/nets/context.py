@@ -29,8 +29,9 @@ attention probabilities are computed explicitly, ``probs = softmax(q k^T / sqrt(
 masked keys at -inf, shape (B, heads, N queries, 1 + L keys) with key 0 the null token, and
 the output is ``controller(probs, layer) @ v`` through the same output projection.
 :class:`ContextEmbedding` has the same attribute: when it is set and has a ``pooled``
-method, its pooled text embedding (B, emb_dim) passes through ``controller.pooled`` (P2P holds the source's there too, as the
-pooled text fixes the layout as much as the maps do in these networks).
+method, its pooled text embedding (B, emb_dim) passes through ``controller.pooled`` (P2P
+holds the source's there too: in these networks the pooled text fixes the layout as much as
+the maps do).
 """
 
 from __future__ import annotations
