@@ -19,7 +19,7 @@ DiffEdit, and instruction editing (InstructPix2Pix) with an instruct run.
    ((label + 1) mod 10): fraction the classifier reads as the target, mask area, and
    whether the pixels outside the mask are the input's exactly, over encoding strength,
    mask threshold and guidance.
-4. InstructPix2Pix: each of the six edits asked of 100 held-out digits (trained with
+4. InstructPix2Pix: each of the six edits asked of the 300 held-out digits (trained with
    configs/digits_instruct.json): the fraction whose measured attribute moved as asked and
    the class kept, at a few (image, text) guidance scales, and with an unseen phrasing.
 5. Text edits (a text run, configs/digits_text.json): Prompt-to-Prompt on null-text
@@ -160,8 +160,8 @@ def _g(v: float | None) -> str:
 
 
 def instruct(model, data, rows: list, lines: list,
-             scales: tuple = ((1.5, 3.0), (1.5, 1.0), (1.0, 3.0))) -> None:
-    """Each edit asked of 100 held-out digits: moved in the asked direction, class kept
+             scales: tuple = ((1.5, 3.0), (1.5, 1.0)), n: int = 300) -> None:
+    """Each edit asked of the n held-out digits: moved in the asked direction, class kept
     (the classifier reads the input's label), for trained and unseen phrasings."""
     from sfumato.edit.attributes import (
         EDITS,
@@ -173,10 +173,10 @@ def instruct(model, data, rows: list, lines: list,
     from sfumato.metrics.classifier import get_classifier
 
     clf = get_classifier(data)
-    x, labels = from_uint8(to_uint8(data.heldout[:100])), data.heldout_labels[:100]
+    x, labels = from_uint8(to_uint8(data.heldout[:n])), data.heldout_labels[:n]
     s = model.run.sampling
     acc = float((clf.predict(x) == labels).float().mean())
-    lines += [f"## InstructPix2Pix, 100 held-out digits per edit, {s['sampler']} {s['steps']} "
+    lines += [f"## InstructPix2Pix, {len(x)} held-out digits per edit, {s['sampler']} {s['steps']} "
               "steps", "", f"Inputs: class accuracy {acc:.2f}. The exact edit (the training "
               "pairs' transform) as a reference.", "",
               "| edit | instruction | s_I | s_T | moved as asked | class kept | RMS change "
