@@ -39,13 +39,8 @@ import torch
 
 import sfumato
 from sfumato.data import from_uint8, get_dataset, to_uint8
-from sfumato.files import write_json_atomic
-from sfumato.metrics import evaluate_images
-
-
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for the range [-1, 1]."""
-    return 10 * torch.log10(4 / (x - ref).pow(2).flatten(1).mean(1).clamp_min(1e-20))
+from sfumato.files import write_results
+from sfumato.metrics import evaluate_images, psnr
 
 
 def inversion(model, data, rows: list, lines: list) -> None:
@@ -276,10 +271,7 @@ def main() -> None:
         instruct(sfumato.load(args.instruct_run), data, rows, lines)
     if "text" in args.parts:
         text_edits(sfumato.load(args.text_run), data, rows, lines)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "results.json", rows)
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'}")
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ import torch.nn.functional as F
 
 import sfumato
 from sfumato.data import from_uint8, get_dataset, to_uint8
-from sfumato.files import write_json_atomic
+from sfumato.files import write_results
 from sfumato.inverse import METHODS, Inpaint, SuperRes, box
 from sfumato.inverse.testbed import image_mixture, posterior_case, score
-from sfumato.metrics import evaluate_images
+from sfumato.metrics import evaluate_images, psnr
 
 
 def toy_table(rows: list, lines: list) -> None:
@@ -63,12 +63,6 @@ def toy_table(rows: list, lines: list) -> None:
     lines.append("")
 
 
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean over images of PSNR in dB for the range [-1, 1] (peak-to-peak 2)."""
-    mse = (x - ref).pow(2).flatten(1).mean(1).clamp_min(1e-12)
-    return float((10 * torch.log10(4 / mse)).mean())
-
-
 def image_table(run: Path, data_cfg: dict, n: int, problems: list, rows: list, lines: list,
                 draws: tuple = (1, 4), methods: list | None = None) -> None:
     model = sfumato.load(run)
@@ -85,7 +79,7 @@ def image_table(run: Path, data_cfg: dict, n: int, problems: list, rows: list, l
         m = evaluate_images(xr, data, labels=labels)
         res = float(op.residual(xr, y).pow(2).mean().sqrt())
         row = {"run": str(run), "problem": problem, "method": method, "draws": draws,
-               "psnr": psnr(xr, x), "residual": res, "residual_over_sigma_y":
+               "psnr": float(psnr(xr, x).mean()), "residual": res, "residual_over_sigma_y":
                res / sy if sy else None, "accuracy": m["accuracy"], "fd_ratio": m["fd_ratio"],
                "cpu_s": cpu}
         rows.append(row)
@@ -146,10 +140,7 @@ def main() -> None:
         image_table(args.mnist, {"name": "mnist"}, 500,
                     [problems[k] for k in args.mnist_problems], rows, lines,
                     draws=tuple(args.mnist_draws), methods=args.mnist_methods)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "results.json", rows)
-    (args.out / "table.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
+    write_results(args.out, rows, lines)
 
 
 if __name__ == "__main__":

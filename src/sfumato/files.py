@@ -51,6 +51,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def write_results(out: str | os.PathLike, rows: Any, lines: list[str]) -> None:
+    """A benchmark's output folder: ``out/results.json`` (``rows``) and ``out/table.md`` (the
+    markdown ``lines``), both written atomically; prints where."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", rows)
+    with atomic_write(out / "table.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """The SHA-256 hex digest of a file's bytes (read in 1 MiB chunks)."""
     h = hashlib.sha256()

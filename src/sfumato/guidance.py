@@ -32,6 +32,7 @@ from .errors import UsageError
 Denoiser = Callable[..., torch.Tensor]
 
 __all__ = ["GuidanceInput", "ClassifierFreeGuidance", "ClassifierGuidance", "AutoGuidance",
+           "expand_null", "repeat_sigma",
            "NoisyClassifier", "in_interval"]
 
 
@@ -49,6 +50,14 @@ def in_interval(sigma: torch.Tensor | float, batch: int, interval: tuple[float, 
     return (s > lo) & (s <= hi)
 
 
+def repeat_sigma(sigma: torch.Tensor | float, batch: int, k: int, device: torch.device
+                 ) -> torch.Tensor:
+    """``sigma`` for a batch of ``batch`` repeated ``k`` times (branches stacked in one call):
+    a per-sample (batch,) level is repeated, a scalar stays as it is."""
+    s = torch.as_tensor(sigma, device=device)
+    return s.repeat(k) if s.ndim and s.numel() == batch else s
+
+
 def _per_sample(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return w.to(x).reshape((-1,) + (1,) * (x.ndim - 1))
 
@@ -60,7 +69,7 @@ def _mix(ref: torch.Tensor, main: torch.Tensor, scale: float, active: torch.Tens
     return torch.where(_per_sample(active, main).bool(), guided, main)
 
 
-def _expand(value: Any, like: Any, batch: int) -> Any:
+def expand_null(value: Any, like: Any, batch: int) -> Any:
     """A null-conditioning value broadcast to the conditional value's batch: ints/floats become
     a (B,) tensor, tensors with leading size 1 are expanded."""
     if not torch.is_tensor(like):
@@ -110,16 +119,14 @@ class ClassifierFreeGuidance(nn.Module):
         if missing:
             raise UsageError(f"classifier-free guidance needs the conditional value of "
                              f"{missing} (pass them to the sampler as conditioning kwargs)")
-        null = {k: _expand(self.uncond.get(k, v), v, B) for k, v in cond.items()}
+        null = {k: expand_null(self.uncond.get(k, v), v, B) for k, v in cond.items()}
         batched = all(k in null and null[k] is not None for k in self.uncond) and all(
             torch.is_tensor(v) == torch.is_tensor(null[k]) for k, v in cond.items())
         if not batched:
             un = {k: v for k, v in null.items() if v is not None}
             return self.denoiser(x, sigma, **cond), self.denoiser(x, sigma, **un)
-        s = torch.as_tensor(sigma, device=x.device)
-        s2 = torch.cat([s, s]) if s.ndim and s.numel() == B else s
         both = {k: torch.cat([v, null[k]]) if torch.is_tensor(v) else v for k, v in cond.items()}
-        d = self.denoiser(torch.cat([x, x]), s2, **both)
+        d = self.denoiser(torch.cat([x, x]), repeat_sigma(sigma, B, 2, x.device), **both)
         return d[:B], d[B:]
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor | float, **cond) -> torch.Tensor:

@@ -222,15 +222,22 @@ class Model:
                     ) -> tuple[Any, dict, torch.Tensor]:
         """(denoiser, conditioning, x on the device) for editing images x (B, *data_shape):
         unconditional by default (the null label / empty prompt), as :meth:`restore`."""
-        if tuple(x.shape[1:]) != tuple(self.shape):
-            raise UsageError(f"images must have this run's shape (batch, "
-                             f"{', '.join(map(str, self.shape))}); got {tuple(x.shape)}")
+        self._check_images(x)
         n = x.shape[0]
         den, _, cond = self._conditioning(n, class_labels, guidance, prompt=prompt)
         if self.text and prompt is None:
             cond.update({k: v.to(self.device).expand(n, *v.shape[1:])
                          for k, v in self.text.null().items()})
         return den, cond, x.to(self.device)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        if tuple(x.shape[1:]) != tuple(self.shape):
+            raise UsageError(f"images must have this run's shape (batch, "
+                             f"{', '.join(map(str, self.shape))}); got {tuple(x.shape)}")
+
+    def _scale(self, guidance: float | None) -> float:
+        """The guidance scale to use: ``guidance``, or the run's default."""
+        return float(self.run.sampling.get("guidance", 1.0) if guidance is None else guidance)
 
     def _grid(self, steps: int | None) -> torch.Tensor:
         from .sigmas import get_sigmas
@@ -310,17 +317,10 @@ class Model:
         if self.kind != "instruct":
             raise UsageError("instruction editing needs an instruct run (config section "
                              "'instruct', e.g. configs/digits_instruct.json)")
-        if tuple(x.shape[1:]) != tuple(self.shape):
-            raise UsageError(f"images must have this run's shape (batch, "
-                             f"{', '.join(map(str, self.shape))}); got {tuple(x.shape)}")
+        self._check_images(x)
         n = x.shape[0]
-        texts = [instruction] if isinstance(instruction, str) else list(instruction)
-        if len(texts) not in (1, n):
-            raise UsageError(f"give one instruction or {n}; got {len(texts)}")
-        text = {k: v.to(self.device).expand(n, *v.shape[1:]) if len(texts) == 1
-                else v.to(self.device) for k, v in self.text.prompts(texts).items()}
-        scale = float(self.run.sampling.get("guidance", 1.0) if guidance is None else guidance)
-        guided = InstructGuidance(self.denoiser, image_guidance, scale,
+        text = self._text_cond(n, instruction, Samples(x=torch.empty(0)))
+        guided = InstructGuidance(self.denoiser, image_guidance, self._scale(guidance),
                                   null_text=self.text.null())
         cfg = dict(self.run.sampling)
         cfg.update({k: v for k, v in (("sampler", sampler), ("steps", steps)) if v is not None})
@@ -349,7 +349,7 @@ class Model:
         if not self.text:
             raise UsageError(f"Prompt-to-Prompt needs a text-conditioned run (cross-attention "
                              f"on a prompt); this is a {self.kind} run")
-        w = float(self.run.sampling.get("guidance", 1.0) if guidance is None else guidance)
+        w = self._scale(guidance)
         sigmas = self._grid(steps).to(self.device)
         if x is None:
             den = self.guided(w)
@@ -505,8 +505,7 @@ class Model:
                       ) -> tuple[Any, Samples, dict[str, torch.Tensor]]:
         """(denoiser, a :class:`Samples` with labels/prompts/guidance filled in, conditioning
         tensors on the device with n rows) for n samples, as :meth:`sample` describes."""
-        if guidance is None:
-            guidance = float(self.run.sampling.get("guidance", 1.0))
+        guidance = self._scale(guidance)
         den = self.guided(guidance, classifier=classifier, autoguide=autoguide,
                           interval=interval, rescale=rescale)
         out = Samples(x=torch.empty(0), guidance=guidance)

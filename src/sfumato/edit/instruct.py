@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..guidance import expand_null, repeat_sigma
 from .attributes import EDITS, INSTRUCTIONS, apply_edit
 
 __all__ = ["InstructGuidance", "InstructionPairs"]
@@ -54,6 +55,7 @@ class InstructionPairs:
             raise UsageError(f"instruct.drop must be in [0, 1/3]; got {drop}")
         self.edits, self.drop = list(edits), float(drop)
         self.phrases = [(e, p) for e in self.edits for p in INSTRUCTIONS[e]]
+        self.edit_of = torch.tensor([self.edits.index(e) for e, _ in self.phrases])
         self.table = encode([p for _, p in self.phrases])
         self.null = dict(null)
 
@@ -62,9 +64,9 @@ class InstructionPairs:
         B = x0.shape[0]
         pick = torch.randint(0, len(self.phrases), (B,), generator=generator)
         u = torch.rand(B, generator=generator)
-        x1 = torch.empty_like(x0)
-        for name in self.edits:
-            rows = torch.tensor([self.phrases[i][0] == name for i in pick.tolist()])
+        x1, edit = torch.empty_like(x0), self.edit_of[pick]
+        for k, name in enumerate(self.edits):
+            rows = edit == k
             if rows.any():
                 x1[rows] = apply_edit(name, x0[rows]).to(x0.dtype)
         no_image = u < 2 * self.drop  # [0, d): both, [d, 2d): image only, [2d, 3d): text only
@@ -107,11 +109,11 @@ class InstructGuidance(nn.Module):
         image = image.to(x).expand_as(x)
         cond: dict[str, Any] = {"image": torch.cat([torch.zeros_like(image), image, image])}
         for k, v in text.items():
-            null = self.null_text.get(k, v).to(v.device).expand_as(v)
+            null = expand_null(self.null_text.get(k, v), v, B)
             cond[k] = torch.cat([null, null, v])
-        s = torch.as_tensor(sigma, device=x.device)
-        s3 = s.repeat(3) if s.ndim and s.numel() == B else s
-        d_none, d_image, d_full = self.denoiser(torch.cat([x, x, x]), s3, **cond).chunk(3)
+        d_none, d_image, d_full = self.denoiser(torch.cat([x, x, x]),
+                                                repeat_sigma(sigma, B, 3, x.device),
+                                                **cond).chunk(3)
         return (d_none + self.image_scale * (d_image - d_none)
                 + self.text_scale * (d_full - d_image))
 

@@ -34,7 +34,7 @@ from ..errors import UsageError
 from ..guidance import ClassifierFreeGuidance
 from ..nets.embedding import ConditionEmbedding
 from ..samplers._common import check_sigmas
-from .inversion import invert
+from .inversion import _rms, invert
 
 __all__ = ["NullTextInversion", "NullOffsetGuidance", "embedding_width", "null_text_invert"]
 
@@ -118,10 +118,6 @@ def _ddim_step(den, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, cond
     :func:`sfumato.samplers.sample_ddim` writes it: D + σ' (x − D)/σ."""
     d = den(x, s.to(x).expand(x.shape[0]), **cond)
     return d + s_next.to(x) * ((x - d) / s.to(x))
-
-
-def _rms(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).pow(2).mean(1).sqrt()
 
 
 def null_text_invert(guided: ClassifierFreeGuidance, x0: torch.Tensor, sigmas: torch.Tensor,

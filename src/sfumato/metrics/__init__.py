@@ -4,7 +4,8 @@ independent real samples of the same size), so a number can be read without a ba
 - 2-D toys: :func:`evaluate_2d` (sliced Wasserstein, MMD against fresh ground truth).
 - Images: :func:`evaluate_images` (Fréchet distance in a small classifier's feature space, or
   any :class:`FeatureExtractor`'s; class accuracy of conditional samples).
-- Building blocks: :func:`frechet_distance`, :func:`mmd`, :func:`get_classifier`.
+- Building blocks: :func:`frechet_distance`, :func:`mmd`, :func:`get_classifier`,
+  :func:`psnr` (per image, for reconstructions).
 
 The classifiers are trained on first use and cached under ``$SFUMATO_CACHE`` (default
 ``~/.cache/sfumato``): a few seconds for digits, about a minute for MNIST on two CPU cores.
@@ -12,7 +13,7 @@ The classifiers are trained on first use and cached under ``$SFUMATO_CACHE`` (de
 
 from .classifier import RECIPES, Classifier, SmallCNN, cache_dir, get_classifier, train_classifier
 from .frechet import frechet_distance, frechet_from_stats, gaussian_stats
-from .images import FeatureExtractor, class_stats, evaluate_images
+from .images import FeatureExtractor, class_stats, evaluate_images, psnr
 from .two_d import DEFAULT_BANDWIDTHS, evaluate_2d, mmd
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "gaussian_stats",
     "get_classifier",
     "mmd",
+    "psnr",
     "train_classifier",
 ]

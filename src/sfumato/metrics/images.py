@@ -130,3 +130,9 @@ def evaluate_images(samples: torch.Tensor, dataset: str | dict | ImageData, *,
         if labels is not None:
             out["accuracy"] = float((pred == labels).double().mean())
     return out
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of images x against ref, both (B, ...) in the range [-1, 1] (peak
+    to peak 2): (B,) ``10 log10(4 / MSE)``, MSE floored at 1e-12 (identical images: 126 dB)."""
+    return 10 * torch.log10(4 / (x - ref).pow(2).flatten(1).mean(1).clamp_min(1e-12))
