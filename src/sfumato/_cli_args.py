@@ -1,4 +1,4 @@
-"""Argument types shared by the command-line modules (:mod:`sfumato.cli`,
+"""Argument types and options shared by the command-line modules (:mod:`sfumato.cli`,
 :mod:`sfumato.cli_edit`)."""
 
 from __future__ import annotations
@@ -26,3 +26,12 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable) on a command that takes a config; the items land in
+    ``args.sets`` for :func:`sfumato.train.config.apply_overrides`, which checks them."""
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one config value, e.g. --set train.steps=100 --set "
+                        "model.channel_mult=[1,2] (KEY: a dotted config key; VALUE: JSON, or "
+                        "else a plain string); repeatable, applied in order")

@@ -14,6 +14,9 @@ context=None) -> y`` (y has x_in's shape), to be wrapped by :class:`sfumato.deno
   trainable :class:`~sfumato.text.TinyTextEncoder`, taking ``text_ids``/``text_mask``.
 - :class:`ImageConditioned` (``"image_conditioned"``): a UNet/DiT taking an input image
   (``image`` kwarg) as extra channels (InstructPix2Pix).
+- :class:`Autoencoder` (``"autoencoder"``): a KL or VQ image autoencoder for latent diffusion
+  (not a denoiser: ``encode``/``decode``; objective target "autoencoder"), trained against a
+  :class:`PatchDiscriminator`.
 
 ``build_net({"type": "unet", "image_size": 8, "in_channels": 1, ...})`` builds one from a
 config dict (as stored in a JSON checkpoint config); :func:`count_params` counts parameters.
@@ -35,6 +38,7 @@ from torch import nn
 
 from ..errors import ConfigError, did_you_mean
 from ._common import check_kwargs, split_base
+from .autoencoder import Autoencoder, PatchDiscriminator
 from .classifier import EncoderClassifier
 from .controlnet import ControlledUNet, ControlNet
 from .diffusers_adapter import DiffusersUNet
@@ -59,6 +63,8 @@ __all__ = [
     "ControlledUNet",
     "TextConditioned",
     "ImageConditioned",
+    "Autoencoder",
+    "PatchDiscriminator",
     "ConditionEmbedding",
     "NoiseEmbedding",
     "PositionalEmbedding",
@@ -72,6 +78,7 @@ NETS: dict[str, type[nn.Module]] = {
     "diffusers_unet": DiffusersUNet,
     "classifier": EncoderClassifier,
     "text_conditioned": TextConditioned,
+    "autoencoder": Autoencoder,
 }
 
 

@@ -1,0 +1,153 @@
+"""Latent diffusion runs: training on an autoencoder run's cached latents, sampling decoded
+images, editing through the autoencoder, and the clear errors for a missing, wrong or changed
+autoencoder and a damaged cache (nothing overwritten)."""
+
+import shutil
+
+import pytest
+import torch
+
+import sfumato
+from sfumato.cli import main
+from sfumato.errors import ConfigError, DataError, RunReferenceError, UsageError
+from sfumato.latent import CACHE_NAME, LatentModel
+from sfumato.model import evaluate
+from sfumato.run import Run
+from sfumato.train.trainer import Trainer, train
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+
+AE = {
+    "data": {"name": "digits"},
+    "model": {"type": "autoencoder", "in_channels": 1, "kind": "kl", "factor": 2,
+              "channels": 8, "latent_channels": 2, "norm_groups": 4},
+    "objective": {"target": "autoencoder"},
+    "reconstruction": {"perceptual": 0.0, "gan": 0.0, "scale_images": 256},
+    "train": {"steps": 30, "batch_size": 32, "lr": 3e-3, "warmup_steps": 0,
+              "checkpoint_every": 0, "num_threads": 1, "ema": {"kind": "classic", "decay": 0.9}},
+    "sample": {"n_grid": 8},
+}
+
+
+def _ldm(ae_dir, **train_cfg):
+    return {"data": {"name": "digits"}, "autoencoder": str(ae_dir),
+            "model": {"type": "unet", "image_size": 4, "in_channels": 2, "model_channels": 16,
+                      "channel_mult": [1], "num_res_blocks": 1, "attention_resolutions": [],
+                      "norm_groups": 8, "conditional": True},
+            "objective": {"sigma_data": 1.0, "label_dropout": 0.1},
+            "train": {"steps": 4, "batch_size": 16, "checkpoint_every": 2, "num_threads": 1,
+                      **train_cfg},
+            "sample": {"n_grid": 8, "steps": 4}}
+
+
+@pytest.fixture(scope="module")
+def ae_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("latent") / "ae"
+    train(AE, out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ldm_dir(ae_dir):
+    out = ae_dir.parent / "ldm"
+    train(_ldm(ae_dir), out=out, progress=False)
+    return out
+
+
+def test_latent_run_trains_on_the_autoencoders_scaled_latents(ae_dir, ldm_dir):
+    run = Run(ldm_dir)
+    assert run.kind == "latent"
+    assert run.data_shape == (2, 4, 4) and run.state["image_shape"] == [1, 8, 8]
+    ref = run.refs["autoencoder"]
+    assert ref.path == "../ae" and ref.sha256 == Run(ae_dir).weights_sha256()
+    ae = sfumato.load(ae_dir)
+    data = sfumato.data.get_dataset({"name": "digits"})
+    cached = Trainer(_ldm(ae_dir), ldm_dir, progress=False).x_train
+    assert torch.equal(cached, ae.encode(data.train))          # the cache is the encoding
+    assert float(cached.std()) == pytest.approx(1.0, abs=0.05)  # at unit scale
+
+
+def test_latent_model_samples_decoded_images_and_edits_through_the_autoencoder(ldm_dir):
+    m = sfumato.load(ldm_dir)
+    assert isinstance(m, LatentModel)
+    assert m.shape == (2, 4, 4) and m.image_shape == (1, 8, 8)
+    out = m.sample(6, steps=3, guidance=2.0, seed=3)
+    assert out.x.shape == (6, 1, 8, 8) and out.latents.shape == (6, 2, 4, 4)
+    assert torch.equal(out.x, m.autoencoder.decode(out.latents))
+    assert out.x.abs().max() <= 1.0
+    again = m.sample(6, steps=3, guidance=2.0, seed=3)
+    assert torch.equal(again.x, out.x)
+    # inversion in latent space reproduces the sampled latents (sampler heun, exact solve)
+    noise = m.invert(out.x, steps=3, class_labels=out.labels, guidance=2.0)
+    back = m.sample(6, steps=3, guidance=2.0, class_labels=out.labels, noise=noise)
+    enc = m.autoencoder.encode(out.x)
+    assert (back.latents - enc).abs().max() < 1e-3
+    assert m.edit(out.x, 0.5, steps=3).shape == (6, 1, 8, 8)
+    with pytest.raises(UsageError, match="image shape"):
+        m.invert(out.latents)
+    with pytest.raises(UsageError, match="latent run"):
+        m.restore(out.x, None)
+    rows = evaluate(ldm_dir, n=50)["rows"]
+    assert rows[0]["fd"] > 0 and rows[0]["accuracy"] is not None
+
+
+def test_cache_is_reused_and_checked(ae_dir, ldm_dir, tmp_path, monkeypatch):
+    from sfumato.autoencoder import AutoencoderModel
+
+    def no_encoding(self, x, batch_size=512):
+        raise AssertionError("re-encoded although the cache is valid")
+
+    monkeypatch.setattr(AutoencoderModel, "encode", no_encoding)
+    Trainer(_ldm(ae_dir), ldm_dir, progress=False)  # reads the cache
+    monkeypatch.undo()
+    # a damaged cache: a clear error, the file left as it is
+    broken = tmp_path / "broken"
+    shutil.copytree(ldm_dir, broken)
+    (broken / CACHE_NAME).write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match="delete it"):
+        Trainer(_ldm(ae_dir), broken, progress=False)
+    assert (broken / CACHE_NAME).read_bytes() == b"not a safetensors file"
+
+
+def test_missing_wrong_and_changed_autoencoders_are_clear_errors(ae_dir, ldm_dir, tmp_path):
+    with pytest.raises(RunReferenceError, match="cannot be read"):
+        Trainer(_ldm(tmp_path / "nowhere"), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="is a latent run"):
+        Trainer(_ldm(ldm_dir), tmp_path / "b", progress=False)
+    other = {**_ldm(ae_dir), "data": {"name": "digits", "size": 16}}
+    with pytest.raises(ConfigError, match="trained on images of shape"):
+        Trainer(other, tmp_path / "c", progress=False)
+    # retrain the autoencoder in place of the old one: the latent run refuses it
+    ae2 = tmp_path / "ae"
+    shutil.copytree(ae_dir, ae2)
+    ldm2 = tmp_path / "ldm"
+    shutil.copytree(ldm_dir, ldm2)
+    before = (ldm2 / CACHE_NAME).read_bytes()
+    train({**AE, "train": {**AE["train"], "steps": 31}}, out=ae2, progress=False)
+    with pytest.raises(RunReferenceError, match="changed since"):
+        sfumato.load(ldm2)
+    with pytest.raises(RunReferenceError, match="another autoencoder"):
+        Trainer(_ldm(ae2), ldm2, progress=False)
+    assert (ldm2 / CACHE_NAME).read_bytes() == before
+
+
+def test_cli_trains_with_set_autoencoder_and_samples_images(ae_dir, tmp_path, capsys):
+    import json
+
+    cfg = tmp_path / "ldm.json"
+    spec = _ldm("placeholder")
+    del spec["autoencoder"]
+    cfg.write_text(json.dumps(spec))
+    out = tmp_path / "run"
+    assert main(["train", str(cfg), "--set", f"autoencoder={ae_dir}", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert Run(out).kind == "latent"
+    assert main(["sample", str(out), "--n", "4", "--steps", "2",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    import numpy as np
+
+    assert np.load(tmp_path / "s.npz")["images"].shape == (4, 8, 8, 1)
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "latent" in text and "autoencoder" in text and "(ok)" in text
