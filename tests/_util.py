@@ -12,6 +12,29 @@ TINY_UNET = {"type": "unet", "image_size": 8, "in_channels": 1, "model_channels"
              "channel_mult": [1, 2], "num_res_blocks": 1, "mid_attention": False,
              "norm_groups": 8, "conditional": True}
 
+#: a tiny KL autoencoder run config on 8x8 digits (f = 2: latents 2x4x4), no perceptual
+#: loss and no GAN (tests switch them on); update sections with :func:`tiny_autoencoder`
+TINY_AE = {
+    "data": {"name": "digits"},
+    "model": {"type": "autoencoder", "in_channels": 1, "kind": "kl", "factor": 2,
+              "channels": 8, "latent_channels": 2, "norm_groups": 4},
+    "objective": {"target": "autoencoder"},
+    "reconstruction": {"perceptual": 0.0, "gan": 0.0, "scale_images": 256},
+    "train": {"steps": 6, "batch_size": 16, "lr": 3e-3, "warmup_steps": 0,
+              "checkpoint_every": 3, "num_threads": 1, "ema": {"kind": "classic", "decay": 0.9}},
+    "sample": {"n_grid": 8},
+}
+
+
+def tiny_autoencoder(**sections: dict) -> dict:
+    """:data:`TINY_AE` with each given section updated key by key (a new dict)."""
+    import copy
+
+    out = copy.deepcopy(TINY_AE)
+    for k, v in sections.items():
+        out[k] = {**out[k], **v}
+    return out
+
 
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
     """Add small noise to every parameter in place (un-zeroes zero-initialised layers, so a

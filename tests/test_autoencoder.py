@@ -1,10 +1,9 @@
 """Autoencoders: the KL term, vector quantisation, the adaptive GAN weight, the latent scale,
 float32 under autocast, learning, exact resume with the discriminator, `sfumato reconstruct`."""
 
-import json
-
 import pytest
 import torch
+from _util import tiny_autoencoder
 from safetensors.torch import load_file
 
 import sfumato
@@ -20,25 +19,13 @@ from sfumato.train.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-TINY_AE = {
-    "data": {"name": "digits"},
-    "model": {"type": "autoencoder", "in_channels": 1, "kind": "kl", "factor": 2,
-              "channels": 8, "latent_channels": 2, "norm_groups": 4},
-    "objective": {"target": "autoencoder"},
-    "reconstruction": {"perceptual": 0.0, "gan": 0.5, "gan_start": 3, "disc_channels": 8,
-                       "disc_layers": 1, "scale_images": 256},
-    "train": {"steps": 6, "batch_size": 16, "lr": 3e-3, "warmup_steps": 0,
-              "ema": {"kind": "classic", "decay": 0.9},
-              "checkpoint_every": 3, "num_threads": 1},
-    "sample": {"n_grid": 8},
-}
+GAN = {"gan": 0.5, "gan_start": 3, "disc_channels": 8, "disc_layers": 1}
 
 
 def _cfg(**sections):
-    out = json.loads(json.dumps(TINY_AE))
-    for k, v in sections.items():
-        out[k] = {**out[k], **v}
-    return out
+    """The tiny autoencoder with the GAN on from step 3 (and ``sections`` updated)."""
+    return tiny_autoencoder(**{**sections, "reconstruction": {**GAN, **sections.get(
+        "reconstruction", {})}})
 
 
 def test_kl_term_is_the_closed_form_gaussian_kl():

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from _util import tiny_autoencoder
 
 import sfumato
 from sfumato.cli import main
@@ -17,16 +18,7 @@ from sfumato.train.trainer import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
-AE = {
-    "data": {"name": "digits"},
-    "model": {"type": "autoencoder", "in_channels": 1, "kind": "kl", "factor": 2,
-              "channels": 8, "latent_channels": 2, "norm_groups": 4},
-    "objective": {"target": "autoencoder"},
-    "reconstruction": {"perceptual": 0.0, "gan": 0.0, "scale_images": 256},
-    "train": {"steps": 30, "batch_size": 32, "lr": 3e-3, "warmup_steps": 0,
-              "checkpoint_every": 0, "num_threads": 1, "ema": {"kind": "classic", "decay": 0.9}},
-    "sample": {"n_grid": 8},
-}
+AE = tiny_autoencoder(train={"steps": 30, "batch_size": 32, "checkpoint_every": 0})
 
 
 def _ldm(ae_dir, **train_cfg):
@@ -151,3 +143,33 @@ def test_cli_trains_with_set_autoencoder_and_samples_images(ae_dir, tmp_path, ca
     assert main(["info", str(out)]) == 0
     text = capsys.readouterr().out
     assert "latent" in text and "autoencoder" in text and "(ok)" in text
+
+
+def test_a_latent_teacher_distils_into_a_latent_student(ldm_dir, tmp_path):
+    from sfumato.distill import distill
+
+    out = tmp_path / "student"
+    distill(ldm_dir, "ct", out=out, steps=2, progress=False,
+            config={"train": {"batch_size": 16, "num_threads": 1, "checkpoint_every": 0},
+                    "sample": {"n_grid": 4}})
+    run = Run(out)
+    assert run.kind == "student" and set(run.refs) == {"teacher", "autoencoder"}
+    assert run.data_shape == (2, 4, 4)
+    m = sfumato.load(out)
+    assert isinstance(m, LatentModel)
+    assert m.sample(3, steps=1).x.shape == (3, 1, 8, 8)
+
+
+def test_a_text_conditioned_dit_trains_on_latents(ae_dir, tmp_path):
+    cfg = {**_ldm(ae_dir), "text": {"encoder": "tiny", "max_length": 16},
+           "model": {"type": "text_conditioned",
+                     "backbone": {"type": "dit", "image_size": 4, "in_channels": 2,
+                                  "patch_size": 1, "hidden_size": 32, "depth": 1,
+                                  "num_heads": 2, "context_dim": 32},
+                     "encoder": {"depth": 1}}}
+    out = tmp_path / "dit"
+    train(cfg, out=out, progress=False)
+    m = sfumato.load(out)
+    assert isinstance(m, LatentModel) and m.text is not None
+    s = m.sample(2, steps=2, prompt="a thick 3", guidance=2.0)
+    assert s.x.shape == (2, 1, 8, 8) and s.prompts == ["a thick 3"] * 2

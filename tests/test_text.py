@@ -422,3 +422,20 @@ def test_text_conditioned_trains_the_encoder():
         net(x, c, context=torch.zeros(B, 2, 16))
     with pytest.raises(ValueError, match="context_dim"):
         TextConditioned(tiny_dit())
+
+
+def test_a_data_sets_own_captions_become_the_training_texts():
+    from sfumato.text.conditioner import TextConditioner
+    from sfumato.train.config import DEFAULTS
+
+    cfg = {**DEFAULTS["text"], "encoder": "tiny", "n_variants": 4, "drop": 0.0}
+    tc = TextConditioner(cfg).fit_given(["red heart", "cat face"], torch.tensor([1, 0]),
+                                        ["Animals & Nature", "Symbols"])
+    assert tc.rows.shape == (2, 4)
+    assert [tc.captions[i] for i in tc.rows[0]] == [
+        "red heart", "an image of red heart", "symbols: red heart", "a symbols image"]
+    assert "a animals & nature image" in tc.captions
+    b = tc.batch(torch.tensor([0, 1, 1]), torch.Generator().manual_seed(0))
+    assert b["text_ids"].shape == (3, cfg["max_length"]) and b["text_mask"].any(1).all()
+    no_labels = TextConditioner({**cfg, "n_variants": 4}).fit_given(["a", "b"])
+    assert no_labels.rows.shape == (2, 2)

@@ -61,7 +61,7 @@ def get_method(name: str) -> type[DistillObjective]:
 
 
 def _check_teacher(teacher: Run, cls: type[DistillObjective], method: str) -> None:
-    if teacher.kind not in ("diffusion", "text"):
+    if teacher.kind not in ("diffusion", "text", "latent"):
         raise UsageError(f"the teacher {teacher.path} is a {teacher.kind} run; distil a "
                          "diffusion run (sfumato train CONFIG --out DIR)")
     if "classes" in cls.NEEDS and not teacher.num_classes:
@@ -81,7 +81,7 @@ def student_config(teacher: Run, method: str, out: str | os.PathLike,
     teacher's data, network and conditioning; the method's parameterisation, training and
     sampling defaults; ``config`` (a dict of overrides, sections as in a run config) on top;
     ``steps`` for ``train.steps``; ``refs.teacher``."""
-    from ..train.config import load_config
+    from ..train.config import PATH_KEYS, load_config
 
     cls = get_method(method)
     _check_teacher(teacher, cls, method)
@@ -101,7 +101,12 @@ def student_config(teacher: Run, method: str, out: str | os.PathLike,
            "sample": {**tc["sample"], "guidance": 1.0, **cls.SAMPLE},
            "distill": {"method": method, **settings},
            "refs": {"teacher": teacher.reference_from(out).to_dict()}}
+    if teacher.kind == "latent":  # the student learns in the teacher's latent space
+        cfg["autoencoder"] = str(teacher.resolve("autoencoder").path)
     for sec, val in over.items():  # overrides: section by section, checked by load_config
+        if sec in PATH_KEYS:
+            cfg[sec] = val
+            continue
         if not isinstance(val, dict):
             raise ConfigError(f"config section {sec!r} must be an object; got {val!r}")
         cfg[sec] = {**cfg.get(sec, {}), **val} if sec not in ("data", "model") else val

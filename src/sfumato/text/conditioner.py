@@ -85,6 +85,27 @@ class TextConditioner:
         thr = attribute_thresholds(images, labels, num_classes, attrs=attrs)
         caps = make_captions(labels, attrs, thr, generator, n_variants=self.cfg["n_variants"],
                              keep=self.cfg["keep"])
+        return self._fit_rows(caps)
+
+    def fit_given(self, captions: Sequence[str], labels: torch.Tensor | None = None,
+                  class_names: Sequence[str] | None = None) -> TextConditioner:
+        """Use the data set's own captions (one per image, e.g. emoji names) instead of
+        measured digit attributes. Variants per image: the caption, "an emoji of" it, and
+        with a class name (category) "CATEGORY: caption" and the category alone, "a CATEGORY
+        image", so that category prompts are in the training distribution too; the first
+        ``n_variants`` of these."""
+        rows: list[list[str]] = []
+        for i, c in enumerate(captions):
+            v = [c, f"an image of {c}"]
+            if labels is not None and class_names is not None:
+                cat = class_names[int(labels[i])].lower()
+                v += [f"{cat}: {c}", f"a {cat} image"]
+            rows.append(v[: max(1, int(self.cfg["n_variants"]))])
+        width = min(len(r) for r in rows)
+        return self._fit_rows([r[:width] for r in rows])
+
+    def _fit_rows(self, caps: Sequence[Sequence[str]]) -> TextConditioner:
+        """Encode the distinct captions of ``caps`` (N rows of variants) once."""
         self.captions = list(dict.fromkeys(c for row in caps for c in row))
         if self.kind == "minilm":  # rows index the cache's own table: no second copy of it
             self._encode(self.captions)
