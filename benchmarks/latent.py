@@ -13,6 +13,9 @@
    CPU-minutes (for the latent run, its autoencoder's added), and sampling throughput
    (images per CPU-second and per wall-second, decoding included) measured alternately in
    one process at the same sampler and NFE, with the ratio.
+3. ``emoji``: pixel vs latent text-to-image runs on 32x32 emoji (configs/emoji_unet.json,
+   configs/emoji_ldm.json): FD / floor of samples from held-out captions, category accuracy
+   of samples from category prompts, throughput, and a caption-prompted grid per model.
 
 Writes OUT/results.json and OUT/table.md (of the parts run).
 """
@@ -112,7 +115,60 @@ def ldm_part(pixel: Path, latent: Path, n: int, guidance: float, sampler: str | 
     print(lines[-2], flush=True)
 
 
-PARTS = ("ae", "ldm")
+#: the caption-prompted grid of the docs: one row per prompt
+GRID_PROMPTS = ("red heart", "smiling face with sunglasses", "cat face", "slice of pizza",
+                "rocket", "japan flag", "evergreen tree", "sun with face")
+
+
+def emoji_part(pixel: Path, latent: Path, n: int, guidance: float, rows: list, lines: list,
+               out: Path) -> None:
+    """Pixel vs latent text-to-image on emoji: FD / floor of samples from the held-out
+    captions (cycled) vs the held-out images, category accuracy of samples from category
+    prompts ("a {category} image", ``n // 9`` per category), and a caption-prompted grid."""
+    from sfumato.data import to_uint8
+    from sfumato.imageio import save_grid
+    from sfumato.metrics import get_classifier
+
+    models = {"pixel": sfumato.load(pixel), "latent": sfumato.load(latent)}
+    data = sfumato.data.get_dataset(models["pixel"].config["data"])
+    clf = get_classifier(data)
+    caps = [data.heldout_captions[i % len(data.heldout_captions)] for i in range(n)]
+    per = max(1, n // data.num_classes)
+    cats = torch.arange(data.num_classes).repeat_interleave(per)
+    cat_prompts = [f"a {data.class_names[int(c)].lower()} image" for c in cats]
+    speed = _throughput(models, 64, 2, guidance=guidance, prompt=caps[:64])
+    lines += [f"## Emoji 32x32 text-to-image, pixel vs latent, CFG {guidance:g}", "",
+              f"FD of {n} samples from held-out captions vs the {len(data.heldout)} held-out "
+              "images (the emoji classifier's features; floor: real vs real); category "
+              f"accuracy of {per} samples per category prompt 'a CATEGORY image' (the "
+              f"classifier reads real held-out emoji at {clf.test_acc:.2f}).", "",
+              "| model | data shape | params | train CPU-min | FD | floor | FD / floor | "
+              "category acc. | images / CPU-s |", "|---|---|---|---|---|---|---|---|---|"]
+    grids = []
+    for name, m in models.items():
+        x = m.sample(n, seed=12345, guidance=guidance, prompt=caps).x
+        e = evaluate_images(x, data, seed=0)
+        xc = m.sample(len(cat_prompts), seed=777, guidance=guidance, prompt=cat_prompts).x
+        acc = float((clf.predict(xc) == cats).float().mean())
+        cpu = _cpu_minutes(m.run) + (_cpu_minutes(m.autoencoder.run) if name == "latent"
+                                     else 0.0)
+        row = {"part": "emoji", "model": name, "run": str(m.run.path), "fd": e["fd"],
+               "fd_floor": e["fd_floor"], "fd_ratio": e["fd_ratio"], "category_acc": acc,
+               "train_cpu_minutes": cpu, "params": count_params(m.denoiser), **speed[name]}
+        rows.append(row)
+        lines.append(f"| {name} | {'x'.join(map(str, m.shape))} | {row['params']:,} | "
+                     f"{cpu:.1f} | {e['fd']:.1f} | {e['fd_floor']:.1f} | {e['fd_ratio']:.2f} | "
+                     f"{acc:.3f} | {row['images_per_cpu_s']:.1f} |")
+        print(lines[-1], flush=True)
+        prompts = [p for p in GRID_PROMPTS for _ in range(8)]
+        grids.append(m.sample(len(prompts), seed=5, guidance=guidance, prompt=prompts).x)
+    for name, g in zip(models, grids, strict=True):
+        save_grid(to_uint8(g), out / f"emoji_{name}_grid.png", nrow=8)
+    lines += ["", "Grids (rows: " + ", ".join(f'"{p}"' for p in GRID_PROMPTS) + "): "
+              f"{out}/emoji_pixel_grid.png, {out}/emoji_latent_grid.png", ""]
+
+
+PARTS = ("ae", "ldm", "emoji")
 
 
 def main() -> None:
@@ -121,6 +177,9 @@ def main() -> None:
     ap.add_argument("--ae-runs", nargs="+", type=Path, default=[Path("runs/mnist_ae")])
     ap.add_argument("--pixel-run", type=Path, default=Path("runs/mnist"))
     ap.add_argument("--latent-run", type=Path, default=Path("runs/mnist_ldm"))
+    ap.add_argument("--emoji-pixel-run", type=Path, default=Path("runs/emoji_pixel"))
+    ap.add_argument("--emoji-latent-run", type=Path, default=Path("runs/emoji_ldm"))
+    ap.add_argument("--emoji-guidance", type=float, default=3.0)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--sampler", default=None)
@@ -135,6 +194,9 @@ def main() -> None:
         ae_part(a.ae_runs, a.n, rows, lines)
     if "ldm" in a.parts:
         ldm_part(a.pixel_run, a.latent_run, a.n, a.guidance, a.sampler, a.steps, rows, lines)
+    if "emoji" in a.parts:
+        emoji_part(a.emoji_pixel_run, a.emoji_latent_run, a.n, a.emoji_guidance, rows, lines,
+                   a.out)
     write_results(a.out, rows, lines)
 
 

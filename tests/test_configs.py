@@ -24,8 +24,8 @@ def test_config_is_valid(path):
         base.pop("conditional")
         model["base"] = {**base, "num_classes": 10}
     assert count_params(build_net(model)) > 0
-    assert cfg["data"]["name"] in {"digits", "mnist", "moons", "swissroll", "8gaussians",
-                                   "checkerboard"}
+    assert cfg["data"]["name"] in {"digits", "mnist", "emoji", "animals", "moons", "swissroll",
+                                   "8gaussians", "checkerboard"}
 
 
 def test_digits_config_is_the_demo_config():

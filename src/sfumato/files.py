@@ -17,10 +17,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "write_json_atomic", "sha256_file"]
+__all__ = ["atomic_write", "cache_dir", "write_json_atomic", "sha256_file"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+def cache_dir() -> Path:
+    """Where sfumato keeps what it makes once and reuses (classifiers, text embeddings, the
+    emoji data): ``$SFUMATO_CACHE``, else ``$XDG_CACHE_HOME/sfumato``, else
+    ``~/.cache/sfumato``."""
+    env = os.environ.get("SFUMATO_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sfumato"
 
 
 @contextlib.contextmanager

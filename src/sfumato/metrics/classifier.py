@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..data.base import ImageData, resize
 from ..errors import UsageError
-from ..files import atomic_write, sha256_file
+from ..files import atomic_write, cache_dir, sha256_file
 from ..runtime import torch_threads
 
 __all__ = ["RECIPES", "SmallCNN", "Classifier", "cache_dir", "get_classifier",
@@ -45,15 +45,6 @@ RECIPES: dict[str, dict] = {
     "mnist": {**_BASE, "convs": 1, "batch_size": 128, "epochs": 3, "max_shift": 2},
     "default": {**_BASE, "epochs": None, "steps": 2000},
 }
-
-
-def cache_dir() -> Path:
-    """``$SFUMATO_CACHE``, else ``$XDG_CACHE_HOME/sfumato``, else ``~/.cache/sfumato``."""
-    env = os.environ.get("SFUMATO_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "sfumato"
 
 
 class SmallCNN(nn.Module):

@@ -57,7 +57,7 @@ class TextConditioner:
     def cache_path(self) -> Path:
         """The on-disk per-caption table of the frozen encoder, shared by every run:
         ``cache_dir()/text/minilm-L{max_length}.safetensors``."""
-        from ..metrics.classifier import cache_dir
+        from ..files import cache_dir
 
         return cache_dir() / "text" / f"minilm-L{self.max_length}.safetensors"
 
