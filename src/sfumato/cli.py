@@ -2,7 +2,8 @@
 
     sfumato samplers                 list the registered samplers
     sfumato compare [--out DIR] ...  sfumato vs diffusers: error vs NFE table, PNG and JSON
-    sfumato train CONFIG --out DIR   train (or resume) a run
+    sfumato train CONFIG --out DIR [--set KEY=VALUE ...]
+                                     train (or resume) a run
     sfumato sample DIR --out FILE    sample a trained run (.png grid or .npz arrays)
     sfumato optimize-grid DIR --steps N --out GRID.json
                                      fit a sampler's noise levels to the run
@@ -13,9 +14,12 @@
     sfumato restore DIR --input Y --operator SPEC --out FILE
                                      inpainting, super-resolution, deblurring
     sfumato info DIR                 describe a run
+    sfumato cascade BASE SR... --out DIR
+                                     join a base and super-resolution runs (sample DIR)
     sfumato demo [--out DIR]         train the default digits model, sample, score
 
-The editing commands (invert, edit, restore) live in :mod:`sfumato.cli_edit`. Each
+The editing commands (invert, edit, restore) live in :mod:`sfumato.cli_edit`, the cascade
+command (and what sample and info do with a cascade folder) in :mod:`sfumato.cli_cascade`. Each
 subcommand is a ``_cmd_<name>(args) -> int`` that parses, calls into the library
 (:mod:`sfumato.run` and :mod:`sfumato.model` for runs), reads and writes files, and prints. The
 project's own errors (:class:`sfumato.errors.SfumatoError`: bad usage, config, data, a missing
@@ -31,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._cli_args import _class_label, _positive_int
+from ._cli_args import _add_set_option, _class_label, _positive_int
 from .errors import SfumatoError, TrainingError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -80,11 +84,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import apply_overrides, read_config_file
     from .train.trainer import Trainer
 
     if not Path(args.config).is_file():
         raise UsageError(f"config file {args.config!r} not found (see configs/ for examples)")
-    summary = Trainer(args.config, args.out, progress=not args.no_progress).run()
+    config = apply_overrides(read_config_file(args.config), args.sets)
+    summary = Trainer(config, args.out, progress=not args.no_progress).run()
     print(f"trained to step {summary['steps']} in {summary['seconds']:.0f} s; "
           f"checkpoint in {Path(args.out) / 'checkpoint'}")
     return 0
@@ -92,8 +98,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_distill(args: argparse.Namespace) -> int:
     from .distill import distill
+    from .train.config import apply_overrides, read_config_file
 
-    summary = distill(args.teacher, args.method, out=args.out, config=args.config,
+    config = args.config
+    if args.sets:  # on the --config file's overrides, or on none
+        config = apply_overrides(read_config_file(config) if config else {}, args.sets)
+    summary = distill(args.teacher, args.method, out=args.out, config=config,
                       steps=args.steps, progress=not args.no_progress)
     print(f"distilled to step {summary['steps']} in {summary['seconds']:.0f} s "
           f"({summary['train_cpu_seconds'] / 60:.1f} CPU-minutes); checkpoint in "
@@ -113,6 +123,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix not in (".png", ".npz"):
         raise UsageError(f"--out must end in .png (a grid) or .npz (arrays); got {str(out)!r}")
     model = load(args.run)
+    if getattr(model, "kind", None) == "cascade" or args.aug_sigma is not None:
+        from .cli_cascade import sample_cascade  # stages joined by cascade.json
+
+        return sample_cascade(model, args)
     guides = {k: load(getattr(args, k)) for k in ("classifier", "autoguide") if getattr(args, k)}
     sampler, sigmas, tabled = args.sampler, None, {}
     if args.sigmas:
@@ -224,10 +238,24 @@ def _cmd_optimize_grid(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from .cascade import is_cascade
     from .run import Run
 
-    for label, value in Run(args.run).describe():
+    if is_cascade(args.run):  # not a run: stages joined by cascade.json
+        from .cli_cascade import info_cascade
+
+        return info_cascade(args.run)
+    run = Run(args.run)
+    for label, value in run.describe():
         print(f"{label + ':':<12} {value}")
+    if run.kind == "autoencoder":  # reconstruction quality, measured now
+        from .model import load
+
+        m = load(run).evaluate(n=args.n)
+        codes = f", codes used {m['codes_used']:.2f}, perplexity {m['perplexity']:.1f}" \
+            if "perplexity" in m else ""
+        print(f"{'measured:':<12} {m['n']} held-out images: PSNR {m['psnr']:.2f} dB, rFD "
+              f"{m['rfd']:.2f} (floor {m['fd_floor']:.2f}, ratio {m['rfd_ratio']:.2f}){codes}")
     return 0
 
 
@@ -328,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "from DIR/checkpoint.")
     p.add_argument("config", help="JSON config file (see configs/)")
     p.add_argument("--out", required=True, metavar="DIR", help="run directory")
+    _add_set_option(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
@@ -345,11 +374,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE.json",
                    help="overrides of the student's config: any run config section, the "
                         "method's settings in 'distill'")
+    _add_set_option(p)
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="training steps (default: the method's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_distill)
 
+    from .cli_cascade import add_parsers as add_cascade_parsers
+    from .cli_cascade import add_sample_option
     from .samplers import SAMPLERS, TABLE_SAMPLERS
 
     sampler_names = sorted([*SAMPLERS, *TABLE_SAMPLERS])
@@ -392,12 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", metavar="NOISE.npz", default=None,
                    help="start from this noise ('sfumato invert'; one sample per row) with "
                         "the inversion's sampler, steps and conditioning unless given")
+    add_sample_option(p)  # --aug-sigma, for a cascade
     p.add_argument("--out", required=True, metavar="FILE", help="output .png or .npz")
     p.set_defaults(func=_cmd_sample)
+    add_cascade_parsers(sub)
 
+    from .cli_data import add_parsers as add_data_parsers
     from .cli_edit import add_parsers
+    from .cli_latent import add_parsers as add_latent_parsers
 
     add_parsers(sub, sampler_names)
+    add_latent_parsers(sub)
+    add_data_parsers(sub)
 
     p = sub.add_parser(
         "optimize-grid", help="fit a sampler's noise levels to a trained run",
@@ -425,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a run")
     p.add_argument("run", metavar="DIR", help="run directory")
+    p.add_argument("--n", type=_positive_int, default=500,
+                   help="held-out images an autoencoder run's reconstructions are scored on "
+                        "(default 500)")
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("evaluate", help="score a run's samples: FD vs the real-vs-real floor, "

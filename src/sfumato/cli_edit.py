@@ -62,10 +62,11 @@ def _read_run_images(model, path: str):
     from .data import from_uint8
     from .imageio import read_images
 
-    raw = read_images(path, model.shape[0])
-    if tuple(raw.shape[1:3]) != tuple(model.shape[1:]):
-        raise UsageError(f"--input {path}: the run's images are {model.shape[1]}x"
-                         f"{model.shape[2]}; got {raw.shape[1]}x{raw.shape[2]} (resize it first)")
+    c, h, w = model.image_shape
+    raw = read_images(path, c)
+    if tuple(raw.shape[1:3]) != (h, w):
+        raise UsageError(f"--input {path}: the run's images are {h}x{w}; got "
+                         f"{raw.shape[1]}x{raw.shape[2]} (resize it first)")
     return from_uint8(raw)
 
 

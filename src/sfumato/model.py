@@ -35,7 +35,7 @@ AUTO = "auto"
 ClassLabels = torch.Tensor | int | str | None
 
 #: the run kinds :func:`evaluate` scores (they sample images)
-IMAGE_KINDS = ("diffusion", "text", "controlnet", "student")
+IMAGE_KINDS = ("diffusion", "text", "controlnet", "student", "latent")
 
 
 @dataclass
@@ -80,6 +80,8 @@ class Model:
     num_classes = property(lambda self: self.run.num_classes)
     shape = property(lambda self: self.run.data_shape)
     is_classifier = property(lambda self: self.kind == "classifier")
+    #: the shape of the images it takes and gives (a latent run's differs from ``shape``)
+    image_shape = property(lambda self: self.shape)
 
     @property
     def takes_guidance(self) -> bool:
@@ -166,6 +168,7 @@ class Model:
                control_scale: float = 1.0, prompt: str | Sequence[str] | None = None,
                sigmas: torch.Tensor | Sequence[float] | None = None,
                noise: torch.Tensor | None = None, null_offsets: torch.Tensor | None = None,
+               extra_cond: dict[str, torch.Tensor] | None = None,
                **sampler_kwargs) -> Samples:
         """n samples (sample i depends only on ``seed`` and i), as :class:`Samples`.
 
@@ -183,6 +186,8 @@ class Model:
         *data_shape) unit starting noise instead of the seed's (e.g. from :meth:`invert`; with
         the same sampler, steps and conditioning it reproduces the inverted images).
         ``null_offsets``: (steps, n, E) from :meth:`null_text_invert`, for the Euler sampler.
+        ``extra_cond``: further conditioning tensors with n rows for the denoiser (a
+        super-resolution run's ``image`` and ``aug_sigma``, :mod:`sfumato.superres`).
         """
         from .sigmas import get_sigmas
 
@@ -205,6 +210,7 @@ class Model:
             n, class_labels, guidance, classifier=classifier, autoguide=autoguide,
             interval=guidance_interval, rescale=guidance_rescale, hint=hint,
             control_scale=control_scale, prompt=prompt)
+        cond.update({k: v.to(self.device) for k, v in (extra_cond or {}).items()})
         if null_offsets is not None:
             from .edit import NullOffsetGuidance
 
@@ -572,13 +578,17 @@ class Model:
             raise UsageError("prompt= needs a text-conditioned run (config section 'text')")
         if not self.text:
             return {}
+        # a run captioned by its data set's texts names its classes "a CATEGORY image"
+        classes = self.state.get("class_prompts")
         if prompt is None:
-            prompt = default_prompts(n)
+            prompt = [classes[i % len(classes)] for i in range(n)] if classes else \
+                default_prompts(n)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if len(prompts) not in (1, n):
             raise UsageError(f"give one prompt or n = {n}; got {len(prompts)}")
         out.prompts = prompts * n if len(prompts) == 1 else prompts
-        named = [parse_prompt(p)[0] for p in out.prompts]
+        named = [(classes.index(p) if p in classes else None) if classes else
+                 parse_prompt(p)[0] for p in out.prompts]
         if None not in named:
             out.labels = torch.tensor(named)
         enc = self.text.prompts(prompts)
@@ -588,9 +598,34 @@ class Model:
 def load(path: str | os.PathLike | Run, *, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> Model:
     """Load a run directory (or one of its checkpoint folders, or a :class:`Run` already read)
-    as a :class:`~sfumato.model.Model`: config + EMA weights, ready to sample."""
+    as a :class:`~sfumato.model.Model`: config + EMA weights, ready to sample. A latent run
+    gives a :class:`~sfumato.latent.LatentModel` (images in and out, through its autoencoder
+    run), an autoencoder run an :class:`~sfumato.autoencoder.AutoencoderModel`, a
+    super-resolution run a :class:`~sfumato.superres.SuperResModel`, and a folder holding a
+    ``cascade.json`` (``sfumato cascade``) a :class:`~sfumato.cascade.CascadeModel`."""
+    from .cascade import is_cascade
+
+    if not isinstance(path, Run) and is_cascade(path):  # stages, each an ordinary run
+        from .cascade import CascadeModel
+
+        return CascadeModel.load(path, device=device, dtype=dtype)
     run = path if isinstance(path, Run) else Run(path)
-    return Model(run, run.denoiser(device=device, dtype=dtype), torch.device(device))
+    if run.kind == "autoencoder":
+        from .autoencoder import AutoencoderModel
+
+        return AutoencoderModel(run, device)
+    den = run.denoiser(device=device, dtype=dtype)
+    if run.config.get("autoencoder"):  # a latent run, or a student of one
+        from .autoencoder import AutoencoderModel
+        from .latent import LatentModel
+
+        ae = AutoencoderModel(run.resolve("autoencoder"), device)
+        return LatentModel(run, den, torch.device(device), ae)
+    if run.kind == "superres":
+        from .superres import SuperResModel
+
+        return SuperResModel(run, den, torch.device(device))
+    return Model(run, den, torch.device(device))
 
 
 def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
@@ -603,10 +638,18 @@ def evaluate(path: str | os.PathLike, *, n: int = 1000, every: bool = False,
     kept one. ``n`` samples from ``seed``; the reference is the held-out subset drawn with
     ``ref_seed``. Returns ``{"n", "guidance", "seed", "ref_seed", "rows": [...]}``, one row
     per checkpoint (step, train CPU minutes, fd, fd_floor, fd_ratio, accuracy, ...);
-    ``on_row`` sees each row as soon as it is measured."""
+    ``on_row`` sees each row as soon as it is measured. A cascade (``cascade.json``) is
+    scored by its final samples (:func:`sfumato.cascade.evaluate_cascade`), one row."""
+    from .cascade import evaluate_cascade, is_cascade
     from .data import get_dataset
     from .metrics import evaluate_images
 
+    if is_cascade(path):
+        if every:
+            raise UsageError("a cascade has no checkpoints of its own: evaluate it without "
+                             "--all (or each stage's run on its own)")
+        return evaluate_cascade(path, n=n, seed=seed, ref_seed=ref_seed, sampler=sampler,
+                                steps=steps, guidance=guidance, on_row=on_row)
     rows, data, used_guidance = [], None, None
     for ck in Run(path).checkpoints(every):
         run = Run(ck)

@@ -49,8 +49,8 @@ __all__ = ["KINDS", "Run", "RunRef", "run_kind", "network_config", "build_networ
            "build_denoiser",
            "resolve_ref"]
 
-#: The kinds of run, and what each one is. The first six exist; the others are the run kinds
-#: that later issues add (each records the runs it is built from in ``refs``).
+#: The kinds of run, and what each one is. All but the last exist; it is the run kind a later
+#: issue adds (each kind built on other runs records them in ``refs``).
 KINDS: dict[str, str] = {
     "diffusion": "a denoiser trained on a data set (class-conditional or not)",
     "text": "a denoiser conditioned on text prompts",
@@ -58,6 +58,8 @@ KINDS: dict[str, str] = {
     "classifier": "a noise-conditional classifier (for classifier guidance)",
     "student": "a few-step student distilled from a teacher run",
     "instruct": "a denoiser that edits an input image by a text instruction (InstructPix2Pix)",
+    "superres": "a denoiser of full-resolution images given a low-resolution one: a cascade "
+                "stage",
     "autoencoder": "an autoencoder whose latents a latent run models",
     "latent": "a denoiser in an autoencoder run's latent space",
     "cascade": "diffusion runs joined in stages of growing resolution",
@@ -73,10 +75,18 @@ def run_kind(config: Mapping[str, Any]) -> str:
         return "student"
     if config["objective"]["target"] == "classifier":
         return "classifier"
+    if config["objective"]["target"] == "autoencoder":
+        return "autoencoder"
+    if config.get("stages"):
+        return "cascade"
     if config["model"].get("type") == "controlnet":
         return "controlnet"
     if (config.get("instruct") or {}).get("edits"):
         return "instruct"
+    if (config.get("superres") or {}).get("low_size"):
+        return "superres"
+    if config.get("autoencoder"):
+        return "latent"
     if (config.get("text") or {}).get("encoder"):
         return "text"
     return "diffusion"
@@ -107,6 +117,8 @@ def build_denoiser(net: nn.Module | Callable, obj_cfg: Mapping[str, Any]) -> nn.
         from .guidance import NoisyClassifier
 
         return NoisyClassifier(net, obj_cfg["sigma_data"])
+    if obj_cfg["target"] == "autoencoder":  # no preconditioning: the network itself
+        return net
     from .denoiser import ConsistencyDenoiser, Denoiser
     from .process import get_process
 
@@ -268,6 +280,22 @@ class Run:
                                        "teacher above"))
             lines.append(("recommended", f"{s['steps']} step(s) of {s['sampler']} "
                                          "('sfumato sample DIR --steps K' for others)"))
+        if self.state.get("latent"):  # an autoencoder's latents, measured on its data
+            z = self.state["latent"]
+            lines.append(("latent", f"shape {z['shape']}, scale {z['scale']:.4g} (1 / std), "
+                                    f"mean {z['mean']:.4g}, measured on {z['images']} images"))
+        if self.state.get("image_shape"):
+            lines.append(("images", f"shape {self.state['image_shape']} (decoded by the "
+                                    "autoencoder run)"))
+        if self.kind == "superres":
+            from .lowres import SUPERRES_DEFAULTS, low_hw
+
+            sr = {**SUPERRES_DEFAULTS, **c["superres"]}
+            (h, w), full = low_hw(sr["low_size"]), (self.data_shape or (0, 0, 0))[1:]
+            lines.append(("superres", f"{h}x{w} -> {full[0]}x{full[1]}"
+                                      f"; conditioning noise s ~ U[0, {sr['aug_sigma_max']:g}] "
+                                      f"(s = 0 w.p. {sr['aug_zero_p']:g}); samples at s = "
+                                      f"{sr['aug_sigma']:g}"))
         if self.state.get("losses"):
             lines.append(("last loss", f"{self.state['losses'][-1][1]:.4f}"))
         metrics = self.dir / "metrics.json"

@@ -3,6 +3,7 @@
     data = get_dataset({"name": "digits"})            # or "mnist", "folder", "npz", "moons", ...
     data.train, data.labels                           # (N, C, H, W) in [-1, 1], (N,) or None
     data.heldout, data.heldout_labels                 # held-out split, or None
+    data.captions, data.heldout_captions              # a text per image (emoji), or None
     data.shape, data.num_classes, data.data_range
     for x, y in data.batches(128, generator, rank=rank, world_size=world_size): ...
 
@@ -23,6 +24,9 @@ Configuration keys (``get_dataset``):
 - ``animals``: 10 000 28 x 28 animal silhouettes, 10 classes: ``size``, ``heldout`` (1000),
   ``seed``, ``path`` (defaults to the files of ``animal-mnist``; ``pip install --no-deps
   animal-mnist``)
+- ``emoji``: ~1900 RGB Twemoji (fetch them once: ``sfumato data fetch emoji``), 9 category
+  classes, captions: ``size`` (32; None keeps 64), ``background`` ("white" or "black"),
+  ``heldout`` (0.1), ``seed``, ``path`` (the folder ``fetch_emoji`` wrote, or an ``.npz``)
 - ``folder``: ``path``, ``size`` (required), ``channels`` (3 or 1), ``labels`` (False: True
   takes classes from subfolder names), ``heldout`` (0), ``seed``
 - ``npz``: ``path``, ``size``, ``heldout`` (0), ``seed``
@@ -40,6 +44,7 @@ from ..errors import DataError
 from ._config import check_keys, unknown
 from .animals import ANIMALS, animals_dir, load_animals
 from .base import Data, ImageData, ToyData, from_uint8, resize, to_uint8
+from .emoji import EMOJI_CATEGORIES, fetch_emoji, load_emoji
 from .images import load_digits, load_folder, load_npz, save_npz, stratified_split
 from .mnist import NumpyUnpickler, load_mnist, load_numpy_pickle, mnist_path
 from .toys import TOYS, sample_toy
@@ -47,6 +52,7 @@ from .toys import TOYS, sample_toy
 __all__ = [
     "ANIMALS",
     "DATASETS",
+    "EMOJI_CATEGORIES",
     "Data",
     "ImageData",
     "NumpyUnpickler",
@@ -54,9 +60,11 @@ __all__ = [
     "ToyData",
     "from_uint8",
     "animals_dir",
+    "fetch_emoji",
     "get_dataset",
     "load_animals",
     "load_digits",
+    "load_emoji",
     "load_folder",
     "load_mnist",
     "load_npz",
@@ -78,6 +86,7 @@ DATASETS: dict[str, Callable[..., Data]] = {
     "digits": load_digits,
     "mnist": load_mnist,
     "animals": load_animals,
+    "emoji": load_emoji,
     "folder": load_folder,
     "npz": load_npz,
     **{name: partial(_toy, name) for name in TOYS},

@@ -58,7 +58,9 @@ class Data:
     Attributes: ``name``, ``train``, ``labels`` (or None), ``heldout`` / ``heldout_labels``
     (or None), ``shape`` (one sample), ``num_classes`` (or None), ``data_range``,
     ``class_names`` (or None), ``info`` (JSON-able description: source, split seed, ...),
-    ``split_indices`` (the seeded split's indices into the source, or None).
+    ``split_indices`` (the seeded split's indices into the source, or None), ``captions`` /
+    ``heldout_captions`` (one text per train / held-out sample, e.g. the emoji names, or
+    None).
     """
 
     name: str
@@ -70,16 +72,24 @@ class Data:
     class_names: list[str] | None
     data_range: tuple[float, float] | None
     info: dict
+    captions: list[str] | None
+    heldout_captions: list[str] | None
 
     def __init__(self, name: str, train: torch.Tensor, labels: torch.Tensor | None = None,
                  heldout: torch.Tensor | None = None, heldout_labels: torch.Tensor | None = None,
                  *, num_classes: int | None = None, class_names: list[str] | None = None,
-                 data_range: tuple[float, float] | None = None, info: dict | None = None):
+                 data_range: tuple[float, float] | None = None, info: dict | None = None,
+                 captions: list[str] | None = None, heldout_captions: list[str] | None = None):
         self.name, self.train, self.labels = name, train, labels
         self.heldout, self.heldout_labels = heldout, heldout_labels
         for x, y, what in ((train, labels, "train"), (heldout, heldout_labels, "heldout")):
             if y is not None and (x is None or y.shape != (x.shape[0],)):
                 raise DataError(f"{what} labels must have shape (N,) matching the images")
+        for x, c, what in ((train, captions, "train"), (heldout, heldout_captions, "heldout")):
+            if c is not None and (x is None or len(c) != x.shape[0]):
+                raise DataError(f"{what} captions must be one string per image")
+        self.captions = None if captions is None else list(captions)
+        self.heldout_captions = None if heldout_captions is None else list(heldout_captions)
         if labels is not None and num_classes is None:
             num_classes = int(labels.max()) + 1
         self.num_classes, self.class_names = num_classes, class_names

@@ -53,13 +53,17 @@ def stratified_split(labels: np.ndarray | None, n: int, heldout: int | float,
 
 
 def _split_data(name: str, images: torch.Tensor, labels: torch.Tensor | None,
-                heldout: int | float, seed: int, info: dict, **kwargs) -> ImageData:
+                heldout: int | float, seed: int, info: dict,
+                captions: list[str] | None = None, **kwargs) -> ImageData:
     if not heldout:
-        return ImageData(name, images, labels, info=info, **kwargs)
+        return ImageData(name, images, labels, info=info, captions=captions, **kwargs)
     tr, he = stratified_split(None if labels is None else labels.numpy(), images.shape[0],
                               heldout, seed)
     info = {**info, "heldout": int(he.size), "split_seed": seed}
     tr_t, he_t = torch.from_numpy(tr), torch.from_numpy(he)
+    if captions is not None:
+        kwargs.update(captions=[captions[i] for i in tr],
+                      heldout_captions=[captions[i] for i in he])
     data = ImageData(name, images[tr_t], None if labels is None else labels[tr_t],
                      images[he_t], None if labels is None else labels[he_t], info=info, **kwargs)
     data.split_indices = {"train": tr_t, "heldout": he_t}

@@ -9,6 +9,15 @@ scaled with the noisy input by the preconditioning's c_in). ``image=None`` is th
 all zeros (the paper drops the image conditioning by zeroing it), so classifier-free guidance
 over the image passes ``image=None`` (or zeros) in its unconditional branch and a trainer
 drops it by zeroing rows.
+
+Super-resolution with noise-conditioning augmentation (Ho et al. 2022, §4.3): built with
+``aug_level=True`` the wrapper also takes ``aug_sigma`` (B,) or a float, the level of the
+Gaussian noise added to the input image (:mod:`sfumato.lowres`), embeds it with sinusoidal
+features of ``AUG_SCALE * aug_sigma`` and an MLP whose last layer starts at zero, and adds it
+to the base network's conditioning vector (``extra_embedding``), as the time embedding is
+(their §4.3: "we condition the model on the augmentation level"). A fresh wrapper therefore
+ignores the level until trained. Without ``aug_level`` (the default, and every instruct run)
+there are no extra parameters and ``aug_sigma`` is refused.
 """
 
 from __future__ import annotations
@@ -20,16 +29,24 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ._common import split_base
+from ._common import check_kwargs, split_base, zero_
+from .embedding import PositionalEmbedding, as_batch
 
-__all__ = ["ImageConditioned"]
+__all__ = ["ImageConditioned", "AUG_SCALE"]
+
+#: the augmentation level enters the sinusoidal features as ``AUG_SCALE * aug_sigma``: levels
+#: in [0, 1] then span the features' periods as DDPM's timesteps 0..1000 do
+AUG_SCALE = 1000.0
 
 
 class ImageConditioned(nn.Module):
     """``base`` (a UNet/DiT with 2C input and C output channels) taking ``image`` (B, C, H, W)
-    as extra input channels; shapes: x (B, C, H, W) -> (B, C, H, W)."""
+    as extra input channels; shapes: x (B, C, H, W) -> (B, C, H, W). ``aug_level``: also take
+    the input image's noise level ``aug_sigma`` (B,) (see the module docstring), embedded with
+    ``aug_features`` sinusoidal features."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, aug_level: bool = False, aug_features: int = 32
+                 ) -> None:
         super().__init__()
         self.base = base
         self.channels = int(getattr(base, "out_channels", 0) or 0)
@@ -40,10 +57,27 @@ class ImageConditioned(nn.Module):
                              f"{self.channels}")
         self.emb_dim = getattr(base, "emb_dim", None)
         self.context_dim = getattr(base, "context_dim", None)
+        self.aug_level = bool(aug_level)
+        if self.aug_level:
+            if not self.emb_dim:
+                raise UsageError(f"aug_level needs a base network with a conditioning "
+                                 f"embedding (emb_dim); got {type(base).__name__}")
+            self.aug_features = PositionalEmbedding(aug_features, max_period=AUG_SCALE)
+            self.aug_mlp = nn.Sequential(nn.Linear(aug_features, self.emb_dim), nn.SiLU(),
+                                         zero_(nn.Linear(self.emb_dim, self.emb_dim)))
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor | float,
                 class_labels: torch.Tensor | None = None, *, image: torch.Tensor | None = None,
-                **kwargs: Any) -> torch.Tensor:
+                aug_sigma: torch.Tensor | float | None = None, **kwargs: Any) -> torch.Tensor:
+        if self.aug_level:  # None: level 0, the clean input image
+            s = as_batch(0.0 if aug_sigma is None else aug_sigma, x.shape[0], x.device)
+            e = self.aug_mlp(self.aug_features(AUG_SCALE * s).to(self.aug_mlp[0].weight.dtype))
+            if kwargs.get("extra_embedding") is not None:
+                e = e + kwargs.pop("extra_embedding")
+            kwargs["extra_embedding"] = e
+        elif aug_sigma is not None:
+            raise UsageError("aug_sigma given, but this network was built without aug_level "
+                             "(model.aug_level true): it cannot be told the input's noise level")
         if image is None:
             image = torch.zeros_like(x)
         elif image.shape != x.shape:
@@ -57,17 +91,18 @@ class ImageConditioned(nn.Module):
 
 
 def build_image_conditioned(kwargs: Mapping[str, Any]) -> nn.Module:
-    """``{"type": "image_conditioned", "base": {network config with in_channels = C}}`` ->
-    :class:`ImageConditioned` around the base built with 2C in and C out channels
-    (``num_classes``, as :func:`sfumato.run.network_config` adds it, goes to the base)."""
+    """``{"type": "image_conditioned", "base": {network config with in_channels = C},
+    "aug_level": false, "aug_features": 32}`` -> :class:`ImageConditioned` around the base
+    built with 2C in and C out channels (``num_classes``, as
+    :func:`sfumato.run.network_config` adds it, goes to the base)."""
     from . import build_net
 
     base_cfg, kw = split_base(kwargs, "image_conditioned")
     if "in_channels" not in base_cfg:
         raise UsageError("an 'image_conditioned' net config's base needs in_channels (the "
                          "data's channels)")
-    if kw:
-        raise UsageError(f"unknown 'image_conditioned' net config keys {sorted(kw)}: it takes "
-                         "only 'base'")
+    check_kwargs("'image_conditioned' net config", ImageConditioned.__init__, kw,
+                 skip=("self", "base"))
     c = int(base_cfg["in_channels"])
-    return ImageConditioned(build_net({**base_cfg, "in_channels": 2 * c, "out_channels": c}))
+    return ImageConditioned(build_net({**base_cfg, "in_channels": 2 * c, "out_channels": c}),
+                            **kw)

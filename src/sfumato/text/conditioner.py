@@ -46,6 +46,7 @@ class TextConditioner:
         self.max_length = int(cfg["max_length"])
         self._cache: EmbeddingCache | None = None
         self.rows: torch.Tensor | None = None  # (N, n_variants) caption index per image
+        self.class_prompts: list[str] | None = None
         self.captions: list[str] = []
 
     @property
@@ -95,6 +96,9 @@ class TextConditioner:
         image", so that category prompts are in the training distribution too; the first
         ``n_variants`` of these."""
         rows: list[list[str]] = []
+        # the prompt that names class k ("a CATEGORY image"), recorded in the run
+        self.class_prompts = [f"a {n.lower()} image" for n in class_names] \
+            if labels is not None and class_names is not None else None
         for i, c in enumerate(captions):
             v = [c, f"an image of {c}"]
             if labels is not None and class_names is not None:

@@ -104,6 +104,7 @@ class Trainer:
         self.data = get_dataset(self.cfg["data"])
         self.x_train = self.data.train
         self.y_train = getattr(self.data, "labels", None)
+        self.autoencoder = self._setup_latent()
         base_weights = self._resolve_control_base()
         model_cfg = dict(self.cfg["model"])
         nc = getattr(self.data, "num_classes", None)
@@ -125,11 +126,18 @@ class Trainer:
         if self.hint:
             self.hint_cond(self.x_train[:1])  # an unknown hint name fails here
         self._setup_text()
+        self.superres = self._setup_superres()
         self.net = build_network(model_cfg, self.num_classes).to(self.device)
         if base_weights is not None:
             self.net.base.load_state_dict(base_weights)
         self.denoiser = build_denoiser(self.net, self.cfg["objective"])
-        if self.cfg["distill"]:  # a student: the method's loss around its teacher
+        self.is_autoencoder = self.cfg["objective"]["target"] == "autoencoder"
+        if self.is_autoencoder:  # reconstruction + perceptual + GAN (sfumato.autoencoder)
+            from ..autoencoder import AutoencoderObjective
+
+            self.objective = AutoencoderObjective(self)
+            self.cpu_seconds_setup = self.objective.setup_cpu_seconds
+        elif self.cfg["distill"]:  # a student: the method's loss around its teacher
             from ..distill import build_objective as build_distill_objective
 
             self.objective = build_distill_objective(self)
@@ -141,7 +149,9 @@ class Trainer:
                                      weight_decay=tc["weight_decay"])
         self.g_data = torch.Generator().manual_seed(tc["seed"])
         self.g_noise = torch.Generator().manual_seed(tc["seed"] + 1)
-        self.step, self.bad_steps, self.losses, self.cpu_seconds = 0, 0, [], 0.0
+        self.step, self.bad_steps, self.losses = 0, 0, []
+        # CPU time spent before the first step (encoding latents, a perceptual net) counts
+        self.cpu_seconds = getattr(self, "cpu_seconds_setup", 0.0)
         self.ddp = None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -176,6 +186,41 @@ class Trainer:
         self.cfg["refs"] = {"base": base.reference_from(self.out).to_dict()}
         return base.weights()
 
+    def _setup_latent(self):
+        """For a latent run (config ``autoencoder``: an autoencoder run directory): record it
+        in ``refs.autoencoder`` (path + weights hash), and train on its scaled latents of the
+        training images, encoded once and cached in the run (:mod:`sfumato.latent`). Returns
+        the :class:`~sfumato.autoencoder.AutoencoderModel`, or None for a pixel-space run."""
+        if not self.cfg.get("autoencoder"):
+            return None
+        from ..latent import cached_latents, open_autoencoder
+
+        c0 = time.process_time()
+        ae = open_autoencoder(self.cfg["autoencoder"], self.x_train.shape[1:], self.device)
+        self.cfg["refs"] = {**self.cfg["refs"],
+                            "autoencoder": ae.run.reference_from(self.out).to_dict()}
+        self.x_train = cached_latents(self.out, ae, self.data, self.cfg["data"],
+                                      self.rank == 0)
+        self.cpu_seconds_setup = time.process_time() - c0
+        return ae
+
+    def _setup_superres(self):
+        """For a super-resolution run (``superres.low_size`` set): the
+        :class:`~sfumato.lowres.LowResConditioning` that makes each batch's low-resolution,
+        noise-augmented input from the clean images (checked against the data and network).
+        None otherwise."""
+        sec = self.cfg["superres"]
+        if not sec["low_size"]:
+            return None
+        from ..lowres import LowResConditioning, check_superres_config
+
+        if self.autoencoder is not None or self.instruct is not None or self.hint:
+            raise ConfigError("superres cannot be combined with a latent run, instruct.edits "
+                              "or a ControlNet: the input image is the low-resolution one")
+        hw = check_superres_config(sec, self.x_train.shape[1:], self.cfg["model"])
+        return LowResConditioning(hw, sec["aug_sigma_max"], sec["aug_zero_p"],
+                                  bool(self.cfg["model"].get("aug_level")))
+
     def _setup_text(self) -> None:
         """Caption the training images and encode the captions once (``text`` section)."""
         from ..text.conditioner import TextConditioner
@@ -187,6 +232,9 @@ class Trainer:
                               "text.encoder ('minilm' or 'tiny')")
         if not tcfg["encoder"]:
             return
+        if icfg["edits"] and self.autoencoder is not None:
+            raise ConfigError("instruct.edits edits images in pixel space; a latent run "
+                              "(config 'autoencoder') cannot train on instruction pairs yet")
         if icfg["edits"]:  # instruction pairs, not captions
             from ..edit.instruct import InstructionPairs
 
@@ -195,12 +243,17 @@ class Trainer:
             self.instruct = InstructionPairs(icfg["edits"], self.text.prompts, self.text.null(),
                                              icfg["drop"])
             return
-        if self.y_train is None or self.x_train.ndim != 4:
+        if getattr(self.data, "captions", None) is not None:  # the data set's own texts
+            self._check_text_net(tcfg["encoder"])
+            self.text = TextConditioner(tcfg).fit_given(self.data.captions, self.y_train,
+                                                        self.data.class_names)
+            return
+        if self.y_train is None or self.data.train.ndim != 4:
             raise ConfigError("text conditioning captions labelled images; "
                               f"{self.cfg['data']} has no labels")
         self._check_text_net(tcfg["encoder"])
         g = torch.Generator().manual_seed(self.cfg["train"]["seed"] + 7)
-        self.text = TextConditioner(tcfg).fit(self.x_train, self.y_train,
+        self.text = TextConditioner(tcfg).fit(self.data.train, self.y_train,
                                               int(self.data.num_classes), g)
 
     def _check_text_net(self, encoder: str) -> None:
@@ -285,6 +338,15 @@ class Trainer:
                  "losses": self.losses, "world_size": self.world,
                  "num_classes": self.num_classes, "data_shape": list(self.x_train.shape[1:]),
                  "train_cpu_seconds": self.cpu_seconds, "time": time.time()}
+        if self.is_autoencoder:  # the latent scale, measured on training images
+            from ..autoencoder import latent_stats
+
+            n = int(self.cfg["reconstruction"]["scale_images"])
+            state["latent"] = latent_stats(self.ema.module, self.x_train[:n])
+        if self.autoencoder is not None:
+            state["image_shape"] = list(self.data.shape)
+        if self.text is not None and self.text.class_prompts:
+            state["class_prompts"] = self.text.class_prompts
         tensors = {"model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
                    "optimizer": opt_t, "rng": rng}
         if hasattr(self.objective, "extra_state"):
@@ -322,6 +384,8 @@ class Trainer:
         elif self.text is not None:
             cond.update(self.text.batch(idx, self.g_data))
         cond.update(self.hint_cond(x0))
+        if self.superres is not None:  # the low-resolution input, noised (sfumato.lowres)
+            cond.update(self.superres.batch(x0, self.g_noise))
         sigma = self.objective.sample_sigma(B, self.denoiser, generator=self.g_noise)
         noise = torch.randn(x0.shape, generator=self.g_noise, dtype=x0.dtype)
         return x0, cond, sigma, noise
@@ -424,6 +488,16 @@ class Trainer:
 
         if self.x_train.ndim != 4 or self.is_classifier:
             return None
+        path = self.out / "samples" / f"step-{self.step:08d}.png"
+        if self.is_autoencoder:  # held-out images above their reconstructions, row by row
+            real = self._real_rows(self.cfg["sample"]["n_grid"])
+            with torch.autocast(self.device.type, enabled=False):
+                rec = self.ema.module(real.to(self.device).float())[0].clamp(-1, 1).cpu()
+            rows = max(1, int(real.shape[0] ** 0.5))
+            pairs = torch.stack([real, rec]).reshape(2, -1, rows, *real.shape[1:])
+            grid = pairs.permute(1, 0, 2, 3, 4, 5).reshape(-1, *real.shape[1:])
+            save_grid(to_uint8(grid), path, nrow=rows)
+            return path
         sc = self.cfg["sample"]
         ema_den = build_denoiser(self.ema.module, self.cfg["objective"])
         n = sc["n_grid"]
@@ -433,12 +507,18 @@ class Trainer:
             cond = self.hint_cond(self._real_rows(n))
         if self.instruct is not None:  # held-out digits, each edit in turn
             cond = self.instruct.examples(self._real_rows(n))
+        elif self.text is not None and getattr(self.data, "captions", None):  # its texts
+            cond = self.text.prompts([self.data.captions[i % len(self.data.captions)]
+                                      for i in range(n)])
         elif self.text is not None:  # each class's plain prompt, like the class grid
             cond = self.text.prompts(default_prompts(n, int(self.data.num_classes)))
+        if self.superres is not None:  # held-out digits, downsampled, as the inputs
+            cond.update(self.superres.examples(self._real_rows(n)))
         cond = {k: v.to(self.device) for k, v in cond.items()}
         x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
                         class_labels=labels, **cond)
-        path = self.out / "samples" / f"step-{self.step:08d}.png"
+        if self.autoencoder is not None:
+            x = self.autoencoder.decode(x)
         save_grid(to_uint8(x.cpu()), path)
         return path
 
