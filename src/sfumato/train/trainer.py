@@ -104,6 +104,7 @@ class Trainer:
         self.data = get_dataset(self.cfg["data"])
         self.x_train = self.data.train
         self.y_train = getattr(self.data, "labels", None)
+        self.cpu_seconds_setup = 0.0  # CPU time spent before the first step counts too
         self.autoencoder = self._setup_latent()
         base_weights = self._resolve_control_base()
         model_cfg = dict(self.cfg["model"])
@@ -136,7 +137,7 @@ class Trainer:
             from ..autoencoder import AutoencoderObjective
 
             self.objective = AutoencoderObjective(self)
-            self.cpu_seconds_setup = self.objective.setup_cpu_seconds
+            self.cpu_seconds_setup += self.objective.setup_cpu_seconds
         elif self.cfg["distill"]:  # a student: the method's loss around its teacher
             from ..distill import build_objective as build_distill_objective
 
@@ -150,8 +151,7 @@ class Trainer:
         self.g_data = torch.Generator().manual_seed(tc["seed"])
         self.g_noise = torch.Generator().manual_seed(tc["seed"] + 1)
         self.step, self.bad_steps, self.losses = 0, 0, []
-        # CPU time spent before the first step (encoding latents, a perceptual net) counts
-        self.cpu_seconds = getattr(self, "cpu_seconds_setup", 0.0)
+        self.cpu_seconds = self.cpu_seconds_setup  # (encoding latents, a perceptual net)
         self.ddp = None
         if self.world > 1:
             self.ddp = nn.parallel.DistributedDataParallel(
@@ -201,7 +201,7 @@ class Trainer:
                             "autoencoder": ae.run.reference_from(self.out).to_dict()}
         self.x_train = cached_latents(self.out, ae, self.data, self.cfg["data"],
                                       self.rank == 0)
-        self.cpu_seconds_setup = time.process_time() - c0
+        self.cpu_seconds_setup += time.process_time() - c0
         return ae
 
     def _setup_superres(self):
@@ -490,10 +490,11 @@ class Trainer:
             return None
         path = self.out / "samples" / f"step-{self.step:08d}.png"
         if self.is_autoencoder:  # held-out images above their reconstructions, row by row
-            real = self._real_rows(self.cfg["sample"]["n_grid"])
+            n = self.cfg["sample"]["n_grid"]
+            rows = max(1, int(n ** 0.5))
+            real = self._real_rows(rows * (n // rows))
             with torch.autocast(self.device.type, enabled=False):
                 rec = self.ema.module(real.to(self.device).float())[0].clamp(-1, 1).cpu()
-            rows = max(1, int(real.shape[0] ** 0.5))
             pairs = torch.stack([real, rec]).reshape(2, -1, rows, *real.shape[1:])
             grid = pairs.permute(1, 0, 2, 3, 4, 5).reshape(-1, *real.shape[1:])
             save_grid(to_uint8(grid), path, nrow=rows)
