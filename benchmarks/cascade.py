@@ -2,8 +2,8 @@
 super-resolution run, against the single-stage 28x28 run trained for about the same CPU time.
 
     python benchmarks/cascade.py [--base runs/cascade-base] [--sr runs/cascade-sr]
-        [--single runs/mnist] [--n 1000] [--levels 0 0.1 0.25 0.5 1.0] [--sr-steps 18]
-        [--out runs/cascade-bench]
+        [--single runs/mnist] [--sr-noaug runs/cascade-sr-noaug] [--n 1000]
+        [--levels 0 0.1 0.25 0.5 1.0] [--sr-steps 18] [--out runs/cascade-bench]
 
 Trained with ``sfumato train configs/mnist_cascade_base.json --out runs/cascade-base`` and
 ``sfumato train configs/mnist_superres.json --out runs/cascade-sr`` (the single-stage run:
@@ -13,12 +13,16 @@ label (:func:`sfumato.metrics.evaluate_images`, reference: held-out subset of re
 
 1. the single-stage run, 18 Heun steps;
 2. the base's samples upsampled bilinearly (no super-resolution stage): what the SR stage adds;
-3. the SR stage on real held-out digits downsampled to 14x14, level 0: the SR stage's own
-   quality, with a perfect base;
+3. the SR stage on n random training digits (seed 0) downsampled to 14x14, level 0: the SR
+   stage's own quality, with a perfect base, next to those digits themselves (about the
+   floor; the held-out split's first digits would not be: MNIST's test set begins with its
+   cleaner writers, FD / floor 1.35 for the first 1000);
 4. the cascade (made here with :func:`sfumato.cascade.make_cascade`): the base's n samples,
    drawn once with 18 Heun steps, upsampled by the SR stage at each sampling-time
    augmentation level (``--levels``) and SR step count (``--sr-steps``); identical to
-   ``CascadeModel.sample(n, seed=12345, aug_sigma=level)``.
+   ``CascadeModel.sample(n, seed=12345, aug_sigma=level)``;
+5. with ``--sr-noaug``: the same base samples upsampled at level 0 by an SR run trained without
+   conditioning augmentation (``--set superres.aug_sigma_max=0 --set model.aug_level=false``).
 
 Train CPU minutes are the runs' own (``train_cpu_seconds``; the cascade's is the sum of its
 stages); sampling CPU seconds are this process's, per row (the cascade rows count the base's
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--sr", type=Path, default=Path("runs/cascade-sr"))
     ap.add_argument("--single", type=Path, default=Path("runs/mnist"),
                     help="the single-stage 28x28 run to compare with (configs/mnist_unet.json)")
+    ap.add_argument("--sr-noaug", type=Path, default=None,
+                    help="an SR run trained without conditioning augmentation (row 5)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--sr-steps", type=int, nargs="+", default=[18])
@@ -97,12 +103,14 @@ def main() -> None:
     row(f"base {h}x{w}, bilinear to {H}x{W} (no SR)", base_model.run.train_cpu_seconds, None,
         "18", upsample(base.x, (H, W)), base.labels, cpu_base)
 
-    real, real_labels = data.heldout[:args.n], data.heldout_labels[:args.n]
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:args.n]
+    real, real_labels = data.train[pick], data.labels[pick]
+    row("those real digits themselves (no model)", None, None, "-", real, real_labels, 0.0)
     t = time.process_time()
     sr_real = sr_model.upsample(downsample(real, (h, w)), aug_sigma=0.0, seed=SEED,
                                 class_labels=real_labels, sampler="heun", steps=18)
-    row(f"SR of real held-out digits at {h}x{w}", sr_model.run.train_cpu_seconds, 0.0, "18",
-        sr_real.x, real_labels, time.process_time() - t)
+    row(f"SR of real digits at {h}x{w} (a perfect base)", sr_model.run.train_cpu_seconds, 0.0,
+        "18", sr_real.x, real_labels, time.process_time() - t)
 
     for steps in args.sr_steps:
         for level in args.levels:
@@ -111,6 +119,14 @@ def main() -> None:
                                   stage_kwargs=[{}, {"steps": steps}])
             row(f"cascade {h} -> {H}", cascade.train_cpu_seconds, level, f"18 + {steps}",
                 up.x, base.labels, time.process_time() - t)
+    if args.sr_noaug is not None:
+        make_cascade([args.base, args.sr_noaug], args.out / "cascade-noaug",
+                     sample={"sampler": "heun"})
+        plain = CascadeModel.load(args.out / "cascade-noaug")
+        t = time.process_time()
+        up = plain.upsample(base.x, class_labels=base.labels, seed=SEED, aug_sigma=0.0)
+        row(f"cascade {h} -> {H}, SR trained without augmentation", plain.train_cpu_seconds,
+            0.0, "18 + 18", up.x, base.labels, time.process_time() - t)
     lines += ["", f"Training: base {_minutes(base_model.run.train_cpu_seconds)} + SR "
               f"{_minutes(sr_model.run.train_cpu_seconds)} CPU-minutes "
               f"(single stage {_minutes(single.run.train_cpu_seconds)}). Sampling the base: "

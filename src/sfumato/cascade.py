@@ -28,7 +28,7 @@ cascade is made and when it is loaded.
 Sampling (:meth:`CascadeModel.sample`): the base draws n images (sample i from ``seed`` and
 i, exactly what ``sfumato sample BASE --seed S`` draws); each super-resolution stage then
 upsamples the previous stage's output, noised to the fixed augmentation level ``aug_sigma``
-the network is told (Ho et al. 2022, §4.3; :mod:`sfumato.lowres`), conditioned on the base's
+the network is told (Ho et al. 2022, §3; :mod:`sfumato.lowres`), conditioned on the base's
 class labels, with its own seed derived from (seed, stage).
 """
 

@@ -6,18 +6,18 @@ A super-resolution stage models p(x | z): full-resolution images x given a low-r
 image z, fed to the network upsampled to x's size as extra input channels
 (:class:`sfumato.nets.ImageConditioned`, as SR3 does, Saharia et al. 2022). In a cascade z is a
 *sample* of the stage below, not a real downsampled image, and that mismatch compounds.
-Conditioning augmentation closes it (their §3.2, §4.3 "Gaussian augmentation", non-truncated
-form): in training the upsampled image is corrupted with Gaussian noise of a random level s
-that the network is told,
+Conditioning augmentation closes it (their §3, Gaussian noise in the "non-truncated
+conditioning augmentation" form): in training the upsampled image is corrupted with Gaussian
+noise of a random level s that the network is told,
 
     up      = upsample(downsample(x0, low), full)           (N, C, H, W)
     z_s     = up + s * eps,   eps ~ N(0, I)                  s per sample, given to the net
 
-and at sampling time one fixed level s is chosen (a hyperparameter swept over; 0 uses the
-stage below's output as it is). Here s is drawn uniformly from ``[0, aug_sigma_max]`` except
-that with probability ``aug_zero_p`` it is exactly 0: the point mass trains the net on the
-clean conditioning it sees at ``aug_sigma = 0``, where a continuous draw would only come close.
-The corruption is the variance-exploding form (no shrinking of ``up``), so at s = 0 the
+and at sampling time one fixed level s is chosen (a hyperparameter their §4 sweeps; 0 uses
+the stage below's output as it is). Here s is drawn uniformly from ``[0, aug_sigma_max]``
+except that with probability ``aug_zero_p`` it is exactly 0: the point mass trains the net on
+the clean conditioning it sees at ``aug_sigma = 0``, where a continuous draw would only come
+close. The corruption is the variance-exploding form (no shrinking of ``up``), so at s = 0 the
 network sees exactly the clean upsampled image, and data in [-1, 1] stays comparable to the
 noise level.
 
@@ -88,7 +88,7 @@ def aug_generators(seed: int, n: int, stream: str = "aug") -> list[torch.Generat
 
 def augment(up: torch.Tensor, aug_sigma: torch.Tensor | float,
             generator: torch.Generator | Sequence[torch.Generator]) -> torch.Tensor:
-    """``up + s * eps`` (Ho et al. 2022, §4.3, Gaussian augmentation in variance-exploding
+    """``up + s * eps`` (Ho et al. 2022, §3, Gaussian augmentation in variance-exploding
     form): up (N, C, H, W), s a float or (N,), eps drawn from ``generator`` (one, or one per
     row). Rows with s = 0 are ``up`` exactly."""
     s = torch.as_tensor(aug_sigma, dtype=up.dtype, device=up.device).reshape(-1)
@@ -178,7 +178,7 @@ class LowResConditioning:
 
     def batch(self, x0: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Training conditioning for clean images x0 (B, C, H, W): downsample, upsample,
-        augment at random levels (Ho et al. 2022, §4.3)."""
+        augment at random levels (Ho et al. 2022, §3)."""
         s = self.draw_levels(x0.shape[0], generator) if self.aug_sigma_max > 0 \
             else torch.zeros(x0.shape[0])
         return self.conditioning(downsample(x0, self.low_hw), x0.shape[-2:], s, generator)

@@ -77,8 +77,6 @@ def run_kind(config: Mapping[str, Any]) -> str:
         return "classifier"
     if config["objective"]["target"] == "autoencoder":
         return "autoencoder"
-    if config.get("stages"):
-        return "cascade"
     if config["model"].get("type") == "controlnet":
         return "controlnet"
     if (config.get("instruct") or {}).get("edits"):

@@ -10,7 +10,7 @@ A super-resolution run is an ordinary training config with a ``superres`` sectio
 ``low_size`` and an ``image_conditioned`` network built with ``aug_level``
 (configs/mnist_superres.json). Training makes the conditioning from each clean batch, noised
 to a random level the network is told (noise-conditioning augmentation, Ho et al. 2022,
-§4.3; :mod:`sfumato.lowres`). Sampling noises the upsampled low-resolution input to one fixed
+§3; :mod:`sfumato.lowres`). Sampling noises the upsampled low-resolution input to one fixed
 level ``aug_sigma`` (the run's ``superres.aug_sigma`` unless given; 0 = the input as it is)
 with its own per-sample generators, tells the network that level, and samples as any run
 does (samplers, steps, class labels, guidance). :mod:`sfumato.cascade` chains such runs

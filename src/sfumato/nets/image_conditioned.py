@@ -10,12 +10,12 @@ all zeros (the paper drops the image conditioning by zeroing it), so classifier-
 over the image passes ``image=None`` (or zeros) in its unconditional branch and a trainer
 drops it by zeroing rows.
 
-Super-resolution with noise-conditioning augmentation (Ho et al. 2022, §4.3): built with
+Super-resolution with noise-conditioning augmentation (Ho et al. 2022, §3): built with
 ``aug_level=True`` the wrapper also takes ``aug_sigma`` (B,) or a float, the level of the
 Gaussian noise added to the input image (:mod:`sfumato.lowres`), embeds it with sinusoidal
 features of ``AUG_SCALE * aug_sigma`` and an MLP whose last layer starts at zero, and adds it
 to the base network's conditioning vector (``extra_embedding``), as the time embedding is
-(their §4.3: "we condition the model on the augmentation level"). A fresh wrapper therefore
+(their §3: the model is conditioned on the augmentation level). A fresh wrapper therefore
 ignores the level until trained. Without ``aug_level`` (the default, and every instruct run)
 there are no extra parameters and ``aug_sigma`` is refused.
 """

@@ -513,8 +513,12 @@ class Trainer:
                                       for i in range(n)])
         elif self.text is not None:  # each class's plain prompt, like the class grid
             cond = self.text.prompts(default_prompts(n, int(self.data.num_classes)))
-        if self.superres is not None:  # held-out digits, downsampled, as the inputs
+        if self.superres is not None:  # held-out images, downsampled, with their labels
             cond.update(self.superres.examples(self._real_rows(n)))
+            real_y = self.data.heldout_labels if getattr(self.data, "heldout", None) is not None \
+                else self.y_train
+            if labels is not None and real_y is not None:
+                labels = real_y[torch.arange(n) % real_y.shape[0]]
         cond = {k: v.to(self.device) for k, v in cond.items()}
         x = sample_from(ema_den, (n, *self.x_train.shape[1:]), sc, seed=0, device=self.device,
                         class_labels=labels, **cond)
