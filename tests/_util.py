@@ -36,6 +36,15 @@ def tiny_autoencoder(**sections: dict) -> dict:
     return out
 
 
+def train_runs(root, **configs: dict):
+    """Train each config (tiny, no progress bar) into ``root / name``; returns ``root``."""
+    from sfumato.train.trainer import Trainer
+
+    for name, cfg in configs.items():
+        Trainer(cfg, root / name, progress=False).run()
+    return root
+
+
 def perturb_(net: torch.nn.Module, scale: float = 0.05, seed: int = 1) -> torch.nn.Module:
     """Add small noise to every parameter in place (un-zeroes zero-initialised layers, so a
     fresh network is not the zero function); returns the network."""

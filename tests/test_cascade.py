@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from _util import gen, perturb_
+from _util import gen, perturb_, train_runs
 
 import sfumato
 from sfumato.cascade import CascadeModel, make_cascade
@@ -43,10 +43,7 @@ SR = {"data": {"name": "digits"},
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cascade")
-    Trainer(BASE, root / "base", progress=False).run()
-    Trainer(SR, root / "sr", progress=False).run()
-    return root
+    return train_runs(tmp_path_factory.mktemp("cascade"), base=BASE, sr=SR)
 
 
 @pytest.fixture(scope="module")

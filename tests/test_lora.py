@@ -11,24 +11,9 @@ from _util import gen, perturb_
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sfumato import personalize as P
 from sfumato.errors import CheckpointError, ConfigError, UsageError
 from sfumato.nets import DiT, TextConditioned, UNet, count_params
-from sfumato.personalize import (
-    LoRA,
-    inject_lora,
-    load_lora,
-    lora_layers,
-    lora_state_dict,
-    mark_only_lora_trainable,
-    merge,
-    network_config_sha256,
-    read_lora_metadata,
-    remove_lora,
-    save_lora,
-    set_lora_scale,
-    trainable_lora_parameters,
-    unmerge,
-)
 from sfumato.run import build_network
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -67,59 +52,59 @@ def perturb_lora_(net: nn.Module, name: str | None = None, seed: int = 5) -> Non
     """Give adapter ``name``'s B (zero at init) non-zero values."""
     g = gen(seed)
     with torch.no_grad():
-        for w in trainable_lora_parameters(net, name)[1::2]:
+        for w in P.trainable_lora_parameters(net, name)[1::2]:
             w.copy_(0.05 * torch.randn(w.shape, generator=g))
 
 
 def base_weights(net: nn.Module) -> dict[str, torch.Tensor]:
-    return {p: m.base.weight.detach().clone() for p, m in lora_layers(net).items()}
+    return {p: m.base.weight.detach().clone() for p, m in P.lora_layers(net).items()}
 
 
 def test_default_targets_are_the_attention_projections():
     net = tiny("unet_ctx")
-    paths = inject_lora(net, generator=gen(0))
+    paths = P.inject_lora(net, generator=gen(0))
     assert {"mid.1.qkv", "mid.1.proj", "mid.1.cross.q", "mid.1.cross.kv",
             "mid.1.cross.proj"} <= set(paths)
     assert {p.rsplit(".", 1)[1] for p in paths} == {"qkv", "proj", "q", "kv"}
     assert len(paths) == 5 * 4  # four attention blocks
     dit = tiny("dit_ctx")
-    assert inject_lora(dit, generator=gen(0))[:5] == [
+    assert P.inject_lora(dit, generator=gen(0))[:5] == [
         "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.cross.q", "blocks.0.cross.kv",
         "blocks.0.cross.proj"]
     # a text-conditioned network: the backbone's projections, not the encoder's
     # (nn.TransformerEncoderLayer and nn.MultiheadAttention read their weights directly)
     tc = TextConditioned(tiny("unet_ctx"), {"dim": CTX, "depth": 1, "num_heads": 2})
-    paths = inject_lora(tc, generator=gen(0))
+    paths = P.inject_lora(tc, generator=gen(0))
     assert paths and all(p.startswith("backbone.") for p in paths)
     for target in ("out_proj", "linear1"):
         with pytest.raises(ConfigError, match="MultiheadAttention and nn.Transformer"):
-            inject_lora(tc, targets=target, name="other")
-    assert inject_lora(tc, targets="*", name="every")[-1] == "backbone.conv_out"
+            P.inject_lora(tc, targets=target, name="other")
+    assert P.inject_lora(tc, targets="*", name="every")[-1] == "backbone.conv_out"
 
 
 def test_unknown_targets_refused_listing_layers():
     net = tiny("unet")
     with pytest.raises(ConfigError, match=r"'nope' match no .*end in .*conv1, emb_proj"):
-        inject_lora(net, targets=["qkv", "nope"])
+        P.inject_lora(net, targets=["qkv", "nope"])
     plain = UNet(8, 1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(), mid_attention=False, norm_groups=8)
     with pytest.raises(ConfigError, match="no attention blocks.*include_conv"):
-        inject_lora(plain)
-    assert not any(isinstance(m, LoRA) for m in [*net.modules(), *plain.modules()])
+        P.inject_lora(plain)
+    assert not any(isinstance(m, P.LoRA) for m in [*net.modules(), *plain.modules()])
     with pytest.raises(ConfigError, match="rank"):
-        inject_lora(net, rank=0)
+        P.inject_lora(net, rank=0)
     with pytest.raises(UsageError, match="adapter name"):
-        inject_lora(net, name="a.b")
+        P.inject_lora(net, name="a.b")
     with pytest.raises(UsageError, match="taken by torch"):
-        inject_lora(net, name="half")
+        P.inject_lora(net, name="half")
 
 
 @pytest.mark.parametrize("kind", ["unet", "dit", "unet_ctx"])
 def test_fresh_lora_is_the_base_exactly(kind):
     net = tiny(kind)
     y0 = call(net, kind)
-    inject_lora(net, rank=3, alpha=6, generator=gen(0))
-    inject_lora(net, name="conv", targets=[], include_conv=True, generator=gen(1))
+    P.inject_lora(net, rank=3, alpha=6, generator=gen(0))
+    P.inject_lora(net, name="conv", targets=[], include_conv=True, generator=gen(1))
     assert torch.equal(call(net, kind), y0)
 
 
@@ -127,52 +112,52 @@ def test_fresh_lora_is_the_base_exactly(kind):
 def test_merge_unmerge_exact_float32(kind):
     net = tiny(kind)
     y0 = call(net, kind)
-    inject_lora(net, generator=gen(0))
+    P.inject_lora(net, generator=gen(0))
     perturb_lora_(net)
     w0 = base_weights(net)
     y = call(net, kind)
     assert (y - y0).abs().max() > 1e-3  # the adapter acts
-    merge(net)
-    assert all(not torch.equal(m.base.weight, w0[p]) for p, m in lora_layers(net).items())
+    P.merge(net)
+    assert all(not torch.equal(m.base.weight, w0[p]) for p, m in P.lora_layers(net).items())
     y_merged = call(net, kind)
     assert (y_merged - y).abs().max() <= TOL * max(1.0, y.abs().max().item())
-    unmerge(net)
-    assert all(torch.equal(m.base.weight, w0[p]) for p, m in lora_layers(net).items())
+    P.unmerge(net)
+    assert all(torch.equal(m.base.weight, w0[p]) for p, m in P.lora_layers(net).items())
     assert torch.equal(call(net, kind), y)
 
 
 def test_merge_twice_unmerge_unmerged_and_scale_while_merged_refused():
     net = tiny("dit")
-    inject_lora(net, generator=gen(0))
+    P.inject_lora(net, generator=gen(0))
     with pytest.raises(UsageError, match="not merged"):
-        unmerge(net)
-    merge(net, "default")
+        P.unmerge(net)
+    P.merge(net, "default")
     with pytest.raises(UsageError, match="already merged.*unmerge it first"):
-        merge(net)
+        P.merge(net)
     with pytest.raises(UsageError, match="unmerge it before changing its scale"):
-        set_lora_scale(net, 0.5)
+        P.set_lora_scale(net, 0.5)
     with pytest.raises(UsageError, match="no LoRA adapter 'style'.*'default'"):
-        merge(net, "style")
+        P.merge(net, "style")
 
 
 def test_bf16_round_trip_restores_weights_bit_for_bit():
     net = tiny("unet_ctx").to(torch.bfloat16)
-    inject_lora(net, generator=gen(0), include_conv=True)
-    inject_lora(net, name="two", generator=gen(1))
+    P.inject_lora(net, generator=gen(0), include_conv=True)
+    P.inject_lora(net, name="two", generator=gen(1))
     perturb_lora_(net)
     w0 = base_weights(net)
-    merge(net, "default")
-    merge(net, "two")
-    unmerge(net, "default")  # not the reverse order of merging: still exact
-    unmerge(net, "two")
-    assert all(torch.equal(m.base.weight, w0[p]) for p, m in lora_layers(net).items())
+    P.merge(net, "default")
+    P.merge(net, "two")
+    P.unmerge(net, "default")  # not the reverse order of merging: still exact
+    P.unmerge(net, "two")
+    assert all(torch.equal(m.base.weight, w0[p]) for p, m in P.lora_layers(net).items())
     assert not any(k.startswith("merge_residual") for k, _ in net.named_buffers())
 
 
 def test_scale_at_run_time():
     # one layer: its output is linear in the scale
     for base in (nn.Linear(6, 5), nn.Conv2d(3, 5, 3, stride=2, padding=1)):
-        layer = LoRA(base)
+        layer = P.LoRA(base)
         layer.add_adapter("default", rank=2, alpha=3.0, generator=gen(0))
         nn.init.normal_(layer.lora_B["default"].weight, generator=gen(1))
         x = torch.randn(4, 6, generator=gen(2)) if isinstance(base, nn.Linear) \
@@ -184,22 +169,22 @@ def test_scale_at_run_time():
     # a network: scale 0 is the base, scale s is the adapter with B multiplied by s
     net = tiny("unet_ctx")
     y0 = call(net, "unet_ctx")
-    inject_lora(net, generator=gen(0))
+    P.inject_lora(net, generator=gen(0))
     perturb_lora_(net)
-    set_lora_scale(net, 0.0)
+    P.set_lora_scale(net, 0.0)
     assert torch.equal(call(net, "unet_ctx"), y0)
-    set_lora_scale(net, 0.5)
+    P.set_lora_scale(net, 0.5)
     y_half = call(net, "unet_ctx")
-    set_lora_scale(net, 1.0)
+    P.set_lora_scale(net, 1.0)
     with torch.no_grad():
-        for w in trainable_lora_parameters(net)[1::2]:
+        for w in P.trainable_lora_parameters(net)[1::2]:
             w.mul_(0.5)
     assert torch.allclose(call(net, "unet_ctx"), y_half, atol=1e-6, rtol=0)
 
 
 def test_two_adapters_add():
     base = nn.Linear(6, 5)
-    layer = LoRA(base)
+    layer = P.LoRA(base)
     for i, name in enumerate(("subject", "style")):
         layer.add_adapter(name, rank=2 + i, alpha=1.0 + i, generator=gen(i))
         nn.init.normal_(layer.lora_B[name].weight, generator=gen(10 + i))
@@ -211,20 +196,20 @@ def test_two_adapters_add():
     # on a network: with the second adapter at scale 0 it is the first alone, exactly
     net, alone = tiny("dit"), tiny("dit")
     for n in (net, alone):
-        inject_lora(n, name="subject", generator=gen(0))
+        P.inject_lora(n, name="subject", generator=gen(0))
         perturb_lora_(n, "subject")
-    inject_lora(net, name="style", targets=["qkv", "mlp.0"], generator=gen(1))
+    P.inject_lora(net, name="style", targets=["qkv", "mlp.0"], generator=gen(1))
     perturb_lora_(net, "style", seed=6)
     assert (call(net, "dit") - call(alone, "dit")).abs().max() > 1e-3
-    set_lora_scale(net, 0.0, "style")
+    P.set_lora_scale(net, 0.0, "style")
     assert torch.equal(call(net, "dit"), call(alone, "dit"))
     with pytest.raises(UsageError, match="already on"):
-        inject_lora(net, name="style", targets="qkv")
+        P.inject_lora(net, name="style", targets="qkv")
 
 
 def test_conv_path_exact():
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
-    layer = LoRA(conv)
+    layer = P.LoRA(conv)
     layer.add_adapter("default", rank=2, alpha=2.0, generator=gen(0))
     nn.init.normal_(layer.lora_B["default"].weight, generator=gen(1))
     x = torch.randn(2, 3, 8, 8, generator=gen(2))
@@ -232,20 +217,20 @@ def test_conv_path_exact():
     layer.merge_adapter("default")
     assert torch.allclose(layer(x), y, atol=TOL, rtol=0)
     net = tiny("unet")
-    paths = inject_lora(net, targets=[], include_conv=True, generator=gen(0))
+    paths = P.inject_lora(net, targets=[], include_conv=True, generator=gen(0))
     convs = [p for p, m in tiny("unet").named_modules() if isinstance(m, nn.Conv2d)]
     assert paths == convs and {"conv_in", "down.1.0.conv", "conv_out"} <= set(paths)
     perturb_lora_(net)
     y = call(net, "unet")
-    merge(net)
+    P.merge(net)
     assert (call(net, "unet") - y).abs().max() <= TOL * max(1.0, y.abs().max().item())
 
 
 def test_only_lora_parameters_get_gradients():
     net = tiny("unet_ctx").train()
-    inject_lora(net, generator=gen(0), dropout=0.1)
+    P.inject_lora(net, generator=gen(0), dropout=0.1)
     perturb_lora_(net)
-    params = mark_only_lora_trainable(net)
+    params = P.mark_only_lora_trainable(net)
     assert count_params(net, trainable_only=True) == sum(p.numel() for p in params)
     g = gen(3)
     x = torch.randn(2, 1, 8, 8, generator=g)
@@ -258,7 +243,7 @@ def test_only_lora_parameters_get_gradients():
 
 def test_dropout_follows_the_network_mode():
     net = tiny("dit")  # eval
-    inject_lora(net, dropout=0.5, generator=gen(0))
+    P.inject_lora(net, dropout=0.5, generator=gen(0))
     perturb_lora_(net)
     assert torch.equal(call(net, "dit"), call(net, "dit"))
     net.train()
@@ -270,73 +255,73 @@ def test_dropout_follows_the_network_mode():
 def test_remove_lora():
     net = tiny("unet_ctx")
     keys, y0 = set(net.state_dict()), call(net, "unet_ctx")
-    inject_lora(net, generator=gen(0))
+    P.inject_lora(net, generator=gen(0))
     perturb_lora_(net)
     y = call(net, "unet_ctx")
-    remove_lora(net, merge=True)
-    assert set(net.state_dict()) == keys and not any(isinstance(m, LoRA) for m in net.modules())
+    P.remove_lora(net, merge=True)
+    assert set(net.state_dict()) == keys and not any(isinstance(m, P.LoRA) for m in net.modules())
     assert (call(net, "unet_ctx") - y).abs().max() <= TOL
     assert all(p.requires_grad for p in net.parameters())
     other = tiny("unet_ctx")
-    inject_lora(other, generator=gen(0))
+    P.inject_lora(other, generator=gen(0))
     perturb_lora_(other)
-    merge(other)
-    remove_lora(other)
+    P.merge(other)
+    P.remove_lora(other)
     assert torch.equal(call(other, "unet_ctx"), y0)
 
 
 def test_save_load_round_trip(tmp_path):
     net = tiny("unet_ctx")
-    inject_lora(net, rank=3, alpha=1.5, generator=gen(0), include_conv=True)
+    P.inject_lora(net, rank=3, alpha=1.5, generator=gen(0), include_conv=True)
     perturb_lora_(net)
-    inject_lora(net, name="other", targets="qkv", generator=gen(1))
+    P.inject_lora(net, name="other", targets="qkv", generator=gen(1))
     perturb_lora_(net, "other", seed=7)
     y = call(net, "unet_ctx")
     cfg = {"type": "unet", "image_size": 8}
-    f = save_lora(net, tmp_path / "lora.safetensors",
-                  meta={"base_config_sha256": network_config_sha256(cfg)})
+    f = P.save_lora(net, tmp_path / "lora.safetensors",
+                  meta={"base_config_sha256": P.network_config_sha256(cfg)})
     sd = load_file(str(f))
-    assert set(sd) == set(lora_state_dict(net))
+    assert set(sd) == set(P.lora_state_dict(net))
     assert "base_model.model.mid.1.cross.kv.lora_A.weight" in sd
     assert sd["base_model.model.mid.1.cross.kv.lora_B.weight"].shape == (64, 3)
     assert sd["base_model.model.conv_in.lora_A.weight"].shape == (3, 1, 3, 3)
     assert sd["base_model.model.conv_in.lora_B.weight"].shape == (16, 3, 1, 1)
-    info = read_lora_metadata(f)
+    info = P.read_lora_metadata(f)
     assert (info["adapter"], info["rank"], info["alpha"]) == ("default", 3, 1.5)
     assert "mid.1.cross.q" in info["targets"] and "conv_out" in info["targets"]
-    assert info["meta"]["base_config_sha256"] == network_config_sha256(dict(reversed(
+    assert info["meta"]["base_config_sha256"] == P.network_config_sha256(dict(reversed(
         cfg.items())))
 
     fresh = tiny("unet_ctx")
     y_base = call(fresh, "unet_ctx")
-    assert load_lora(fresh, f) == info["targets"]
-    set_lora_scale(net, 0.0, "other")
+    assert P.load_lora(fresh, f) == info["targets"]
+    P.set_lora_scale(net, 0.0, "other")
     assert torch.equal(call(fresh, "unet_ctx"), call(net, "unet_ctx"))
     assert not torch.equal(call(fresh, "unet_ctx"), y)  # "other" was not in the file
-    load_lora(fresh, f, name="second", scale=0.0)
+    P.load_lora(fresh, f, name="second", scale=0.0)
     assert torch.equal(call(fresh, "unet_ctx"), call(net, "unet_ctx"))
-    set_lora_scale(fresh, 0.0)
+    P.set_lora_scale(fresh, 0.0)
     assert torch.equal(call(fresh, "unet_ctx"), y_base)
 
 
 def test_load_refuses_another_base(tmp_path):
     unet = tiny("unet_ctx")
-    inject_lora(unet, generator=gen(0))
-    f = save_lora(unet, tmp_path / "unet.safetensors")
+    P.inject_lora(unet, generator=gen(0))
+    f = P.save_lora(unet, tmp_path / "unet.safetensors")
     dit = tiny("dit_ctx")
     with pytest.raises(CheckpointError, match=r"no Linear or Conv2d layer for 20 .*"
                        r"base_model\.model\.down\.2\.1\.qkv\.lora_A\.weight"):
-        load_lora(dit, f)
+        P.load_lora(dit, f)
     wider = UNet(8, 1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                  attention_resolutions=(4,), num_heads=2, norm_groups=8, context_dim=CTX)
     with pytest.raises(CheckpointError, match=r"shapes differ for .*base_model\.model\.down\.2"
                        r"\.1\.qkv\.lora_A\.weight \(4, 32\) \(the layer needs \(4, 64\)\)"):
-        load_lora(wider, f)
-    assert not any(isinstance(m, LoRA) for m in [*dit.modules(), *wider.modules()])
+        P.load_lora(wider, f)
+    assert not any(isinstance(m, P.LoRA) for m in [*dit.modules(), *wider.modules()])
     same = tiny("unet_ctx")
-    load_lora(same, f)
+    P.load_lora(same, f)
     with pytest.raises(UsageError, match="already on"):
-        load_lora(same, f)
+        P.load_lora(same, f)
     # files that are not sfumato LoRA files: no metadata, a pickle, nothing
     save_file({"base_model.model.mid.1.qkv.lora_A.weight": torch.zeros(4, 32)},
               str(tmp_path / "bare.safetensors"))
@@ -344,7 +329,7 @@ def test_load_refuses_another_base(tmp_path):
     for name, match in (("bare", "no 'sfumato_lora' settings"),
                         ("pickle", "not a readable safetensors"), ("none", "does not exist")):
         with pytest.raises(CheckpointError, match=match):
-            load_lora(tiny("unet_ctx"), tmp_path / f"{name}.safetensors")
+            P.load_lora(tiny("unet_ctx"), tmp_path / f"{name}.safetensors")
 
 
 def test_file_is_small_on_the_digits_text_model(tmp_path):
@@ -352,6 +337,6 @@ def test_file_is_small_on_the_digits_text_model(tmp_path):
     cfg = json.loads((Path(__file__).parents[1] / "configs" / "digits_text.json").read_text())
     net = build_network(cfg["model"])
     full = 4 * count_params(net)
-    inject_lora(net, rank=4, alpha=4, generator=gen(0))
-    size = save_lora(net, tmp_path / "lora.safetensors").stat().st_size
+    P.inject_lora(net, rank=4, alpha=4, generator=gen(0))
+    size = P.save_lora(net, tmp_path / "lora.safetensors").stat().st_size
     assert size <= 0.05 * full

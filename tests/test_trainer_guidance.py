@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _util import TINY_UNET
+from _util import TINY_UNET, train_runs
 
 import sfumato
 from sfumato.cli import main
@@ -35,10 +35,7 @@ GEN = {
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    d = tmp_path_factory.mktemp("guidance")
-    Trainer(CLF, d / "clf", progress=False).run()
-    Trainer(GEN, d / "gen", progress=False).run()
-    return d
+    return train_runs(tmp_path_factory.mktemp("guidance"), clf=CLF, gen=GEN)
 
 
 def _accuracy(clf, data, sigma: float) -> float:

@@ -37,8 +37,7 @@ def sample_cascade(model, args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data import to_uint8
-    from .files import atomic_write
-    from .imageio import save_grid
+    from .imageio import write_images
 
     if getattr(model, "kind", None) != "cascade":
         raise UsageError(f"--aug-sigma sets the conditioning noise of a cascade's "
@@ -59,16 +58,11 @@ def sample_cascade(model, args: argparse.Namespace) -> int:
     kw = {} if args.class_label == "auto" else {"class_labels": args.class_label}
     drawn = model.sample(args.n, seed=args.seed, aug_sigma=args.aug_sigma,
                          sampler=args.sampler, steps=args.steps, guidance=args.guidance, **kw)
-    images = to_uint8(drawn.x).numpy()
-    if out.suffix == ".png":
-        save_grid(images, out, nrow=model.num_classes or None)
-    else:
-        arrays = {"images": images, **{f"stage{k}_images": to_uint8(x).numpy()
-                                       for k, x in enumerate(drawn.stages[:-1])}}
-        if drawn.labels is not None:
-            arrays["labels"] = drawn.labels.cpu().numpy().astype(np.int64)
-        with atomic_write(out) as tmp:
-            np.savez(tmp, **arrays)
+    arrays = {} if out.suffix == ".png" else {
+        f"stage{k}_images": to_uint8(x).numpy() for k, x in enumerate(drawn.stages[:-1])}
+    if drawn.labels is not None and out.suffix == ".npz":
+        arrays["labels"] = drawn.labels.cpu().numpy().astype(np.int64)
+    write_images(to_uint8(drawn.x).numpy(), out, nrow=model.num_classes or None, **arrays)
     print(f"wrote {args.n} samples ({'x'.join(map(str, model.shape))}, augmentation level(s) "
           f"{drawn.aug_sigma}) to {out}")
     return 0

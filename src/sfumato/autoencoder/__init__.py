@@ -113,12 +113,13 @@ class AutoencoderModel:
         return self.decode(self.encode(x))
 
     @torch.no_grad()
-    def evaluate(self, n: int = 1000, seed: int = 0) -> dict[str, Any]:
+    def evaluate(self, n: int = 1000, seed: int = 0, classifier=None) -> dict[str, Any]:
         """Reconstruction quality on ``n`` held-out images of the run's data set (train
         images when it has no held-out split): mean PSNR (dB), the Fréchet distance of
         reconstructions vs the real images in the data set's classifier features (rFD) next to
         the real-vs-real floor (:func:`sfumato.metrics.evaluate_images`), and for VQ the
-        fraction of codes used and the code perplexity."""
+        fraction of codes used and the code perplexity. ``classifier``: another feature space
+        (a :class:`~sfumato.metrics.classifier.Classifier`) for the rFD."""
         from ..data import get_dataset
         from ..metrics import evaluate_images, psnr
 
@@ -127,7 +128,7 @@ class AutoencoderModel:
         g = torch.Generator().manual_seed(seed)
         x = real[torch.randperm(real.shape[0], generator=g)[:n]]
         rec = self.reconstruct(x)
-        m = evaluate_images(rec, data, seed=seed)
+        m = evaluate_images(rec, data, seed=seed, classifier=classifier)
         out = {"n": int(x.shape[0]), "psnr": float(psnr(rec, x).mean()), "rfd": m["fd"],
                "fd_floor": m["fd_floor"], "rfd_ratio": m["fd_ratio"]}
         if self.net.quantizer is not None:

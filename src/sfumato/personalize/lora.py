@@ -50,7 +50,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -443,17 +443,25 @@ def _adapters(net: nn.Module, name: str | None) -> list[tuple[str, LoRA, str]]:
 # merging, scale, removal
 
 
+def _checked(net: nn.Module, name: str | None, bad: Callable[[LoRA, str], bool],
+             problem: str) -> list[tuple[str, LoRA, str]]:
+    """The (path, layer, adapter) triples of adapter ``name`` (every adapter when None);
+    UsageError naming those for which ``bad(layer, adapter)`` holds, before anything
+    changes."""
+    todo = _adapters(net, name)
+    found = [f"{n!r} in {p}" for p, m, n in todo if bad(m, n)]
+    if found:
+        raise UsageError(f"LoRA adapter {_listing(found)} {problem}")
+    return todo
+
+
 def merge(net: nn.Module, name: str | None = None) -> None:
     """Fold adapter ``name`` (every adapter when None) into its layers' base weights,
     ``W <- W + scale (alpha / r) B A`` (module docstring); the output is unchanged (to
     rounding) and the adapters stop costing time. UsageError, before changing anything, if
     one of them is already merged."""
-    todo = _adapters(net, name)
-    done = [f"{n!r} in {p}" for p, m, n in todo if n in m.merged]
-    if done:
-        raise UsageError(f"LoRA adapter {_listing(done)} is already merged (merging twice "
-                         "would add it twice): unmerge it first")
-    for _, m, n in todo:
+    for _, m, n in _checked(net, name, lambda m, n: n in m.merged, "is already merged "
+                            "(merging twice would add it twice): unmerge it first"):
         m.merge_adapter(n)
 
 
@@ -461,11 +469,8 @@ def unmerge(net: nn.Module, name: str | None = None) -> None:
     """Undo :func:`merge` of adapter ``name`` (every adapter when None): subtract the
     merged update from the base weights. UsageError, before changing anything, if one of them
     is not merged."""
-    todo = _adapters(net, name)
-    loose = [f"{n!r} in {p}" for p, m, n in todo if n not in m.merged]
-    if loose:
-        raise UsageError(f"LoRA adapter {_listing(loose)} is not merged: nothing to unmerge")
-    for _, m, n in todo:
+    for _, m, n in _checked(net, name, lambda m, n: n not in m.merged,
+                            "is not merged: nothing to unmerge"):
         m.unmerge_adapter(n)
 
 
@@ -474,12 +479,8 @@ def set_lora_scale(net: nn.Module, scale: float, name: str | None = None) -> Non
     becomes ``scale (alpha / r) B A`` (0 switches it off). UsageError for a merged adapter
     (unmerge it first: its update is in the weights)."""
     check_finite("LoRA scale", scale)
-    todo = _adapters(net, name)
-    merged = [f"{n!r} in {p}" for p, m, n in todo if n in m.merged]
-    if merged:
-        raise UsageError(f"LoRA adapter {_listing(merged)} is merged into the weights: "
-                         "unmerge it before changing its scale")
-    for _, m, n in todo:
+    for _, m, n in _checked(net, name, lambda m, n: n in m.merged, "is merged into the "
+                            "weights: unmerge it before changing its scale"):
         m.scale[n] = float(scale)
 
 
