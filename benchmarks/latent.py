@@ -148,14 +148,16 @@ def emoji_part(pixel: Path, latent: Path, n: int, guidance: float, rows: list, l
     from sfumato.imageio import save_grid
     from sfumato.metrics import get_classifier
 
-    models = {"pixel": sfumato.load(pixel), "latent": sfumato.load(latent)}
-    data = sfumato.data.get_dataset(models["pixel"].config["data"])
+    models = {"latent": sfumato.load(latent)}
+    if pixel is not None and pixel.name != "none":
+        models = {"pixel": sfumato.load(pixel), **models}
+    data = sfumato.data.get_dataset(models["latent"].config["data"])
     clf = get_classifier(data)
     caps = [data.heldout_captions[i % len(data.heldout_captions)] for i in range(n)]
     per = max(1, n // data.num_classes)
     cats = torch.arange(data.num_classes).repeat_interleave(per)
     cat_prompts = [f"a {data.class_names[int(c)].lower()} image" for c in cats]
-    speed = _throughput(models, 64, 2, guidance=guidance, prompt=caps[:64])
+    speed = _throughput(models, 64, 2, guidance=guidance, prompt=caps[0])
     lines += [f"## Emoji 32x32 text-to-image, pixel vs latent, CFG {guidance:g}", "",
               f"FD of {n} samples from held-out captions vs the {len(data.heldout)} held-out "
               "images (the emoji classifier's features; floor: real vs real); category "
@@ -184,7 +186,7 @@ def emoji_part(pixel: Path, latent: Path, n: int, guidance: float, rows: list, l
     for name, g in zip(models, grids, strict=True):
         save_grid(to_uint8(g), out / f"emoji_{name}_grid.png", nrow=8)
     lines += ["", "Grids (rows: " + ", ".join(f'"{p}"' for p in GRID_PROMPTS) + "): "
-              f"{out}/emoji_pixel_grid.png, {out}/emoji_latent_grid.png", ""]
+              + ", ".join(f"{out}/emoji_{name}_grid.png" for name in models), ""]
 
 
 PARTS = ("ae", "ldm", "emoji")
@@ -196,7 +198,8 @@ def main() -> None:
     ap.add_argument("--ae-runs", nargs="+", type=Path, default=[Path("runs/mnist_ae")])
     ap.add_argument("--pixel-run", type=Path, default=Path("runs/mnist"))
     ap.add_argument("--latent-run", type=Path, default=Path("runs/mnist_ldm"))
-    ap.add_argument("--emoji-pixel-run", type=Path, default=Path("runs/emoji_pixel"))
+    ap.add_argument("--emoji-pixel-run", type=Path, default=Path("runs/emoji_pixel"),
+                    help="'none': the latent run alone")
     ap.add_argument("--emoji-latent-run", type=Path, default=Path("runs/emoji_ldm"))
     ap.add_argument("--emoji-guidance", type=float, default=3.0)
     ap.add_argument("--n", type=int, default=1000)
