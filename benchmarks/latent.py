@@ -39,6 +39,12 @@ def _cpu_minutes(run: Run) -> float:
     return (run.train_cpu_seconds or 0.0) / 60
 
 
+def _model_cpu_minutes(m) -> float:
+    """Training CPU-minutes of a loaded model, its autoencoder's included (latent runs)."""
+    ae = getattr(m, "autoencoder", None)
+    return _cpu_minutes(m.run) + (_cpu_minutes(ae.run) if ae is not None else 0.0)
+
+
 def ae_part(runs: list[Path], n: int, rows: list, lines: list) -> None:
     lines += [f"## Autoencoders, {n} held-out images", "",
               "alt: the Fréchet distance in a second classifier's features (another seed, "
@@ -110,9 +116,7 @@ def ldm_part(pixel: Path, latent: Path, n: int, guidance: float, sampler: str | 
         out = m.sample(n, seed=12345, **kw)
         e = evaluate_images(out.x, data, labels=out.labels, seed=0)
         a = evaluate_images(out.x, data, labels=out.labels, seed=0, classifier=alt)
-        cpu = _cpu_minutes(m.run)
-        if name == "latent":
-            cpu += _cpu_minutes(m.autoencoder.run)
+        cpu = _model_cpu_minutes(m)
         row = {"part": "ldm", "model": name, "run": str(m.run.path), "shape": list(m.shape),
                "params": count_params(m.denoiser), "train_cpu_minutes": cpu,
                "sampler": out.sampler, "nfe_steps": len(out.sigmas) - 1, **speed[name],
@@ -171,8 +175,7 @@ def emoji_part(pixel: Path, latent: Path, n: int, guidance: float, rows: list, l
         e = evaluate_images(x, data, seed=0)
         xc = m.sample(len(cat_prompts), seed=777, guidance=guidance, prompt=cat_prompts).x
         acc = float((clf.predict(xc) == cats).float().mean())
-        cpu = _cpu_minutes(m.run) + (_cpu_minutes(m.autoencoder.run) if name == "latent"
-                                     else 0.0)
+        cpu = _model_cpu_minutes(m)
         row = {"part": "emoji", "model": name, "run": str(m.run.path), "fd": e["fd"],
                "fd_floor": e["fd_floor"], "fd_ratio": e["fd_ratio"], "category_acc": acc,
                "train_cpu_minutes": cpu, "params": count_params(m.denoiser), **speed[name]}

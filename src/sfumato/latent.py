@@ -59,17 +59,19 @@ def open_autoencoder(path: str | os.PathLike, image_shape: Sequence[int],
 
 
 def cached_latents(out: str | os.PathLike, ae: AutoencoderModel, data, data_cfg: dict,
-                   write: bool = True) -> torch.Tensor:
+                   write: bool = True, ae_sha256: str | None = None) -> torch.Tensor:
     """Scaled latents (N, z, h, w) of ``data.train``: read from ``out/latents.safetensors``
     when it was made by this autoencoder (weights SHA-256) from this data (fingerprint),
     else encoded and written there (atomically; only when ``write``). A cache from another
     autoencoder or other data, or one that cannot be read, is a clear error and is left as it
-    is."""
+    is. ``ae_sha256``: the autoencoder's weights hash when the caller has it already (its
+    run reference), so the weights file is not hashed again."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     path = Path(out) / CACHE_NAME
-    want = {"autoencoder_sha256": ae.run.weights_sha256(), "data": data.fingerprint()}
+    want = {"autoencoder_sha256": ae_sha256 or ae.run.weights_sha256(),
+            "data": data.fingerprint()}
     if path.exists():
         try:
             with safe_open(str(path), framework="pt") as f:

@@ -197,10 +197,10 @@ class Trainer:
 
         c0 = time.process_time()
         ae = open_autoencoder(self.cfg["autoencoder"], self.x_train.shape[1:], self.device)
-        self.cfg["refs"] = {**self.cfg["refs"],
-                            "autoencoder": ae.run.reference_from(self.out).to_dict()}
+        ref = ae.run.reference_from(self.out)
+        self.cfg["refs"] = {**self.cfg["refs"], "autoencoder": ref.to_dict()}
         self.x_train = cached_latents(self.out, ae, self.data, self.cfg["data"],
-                                      self.rank == 0)
+                                      self.rank == 0, ref.sha256)
         self.cpu_seconds_setup += time.process_time() - c0
         return ae
 
