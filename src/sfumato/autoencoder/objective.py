@@ -72,7 +72,6 @@ class AutoencoderObjective:
             self.disc_opt = torch.optim.Adam(self.disc.parameters(),
                                              lr=self.s["disc_lr"] or tc["lr"], betas=(0.5, 0.9))
         self.setup_cpu_seconds = time.process_time() - c0
-        self.last: dict[str, float] = {}
 
     # -- the trainer's objective protocol ---------------------------------------------------
     def at_step(self, step: int) -> None:
@@ -121,13 +120,11 @@ class AutoencoderObjective:
             reg = self.s["kl"] * aux["kl"] if "kl" in aux else \
                 self.s["commitment"] * aux["commit"]
             total = rec + reg
-            self.last = {"rec": float(rec.detach().mean())}
             if self.gan_active():
                 self._disc_step(x, recon.detach())
                 g_loss = -self.disc(recon).mean((1, 2, 3))
                 lam = self._adaptive_weight(rec.mean(), g_loss.mean())
                 total = total + self.s["gan"] * lam * g_loss
-                self.last["lambda"] = float(lam)
         return total
 
     def _adaptive_weight(self, rec: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
@@ -144,4 +141,3 @@ class AutoencoderObjective:
             self.disc_opt.zero_grad(set_to_none=True)
             d_loss.backward()
             self.disc_opt.step()
-        self.last["disc"] = float(d_loss.detach())
