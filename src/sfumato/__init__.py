@@ -10,7 +10,8 @@ functions), :mod:`sfumato.likelihood`, :mod:`sfumato.mixture` (exact Gaussian-mi
 :mod:`sfumato.data`, :mod:`sfumato.metrics`, :mod:`sfumato.train`.
 
 High level: ``sfumato.train(config, out=DIR)``, ``sfumato.distill(DIR, method, out=STUDENT)``
-(:mod:`sfumato.distill`), ``model = sfumato.load(DIR)``,
+(:mod:`sfumato.distill`), ``sfumato.finetune(DIR, images=FOLDER, token="sks", out=RUN)``
+(:mod:`sfumato.personalize`), ``model = sfumato.load(DIR)``,
 ``model.sample(n, sampler=..., steps=..., seed=...).x``; :mod:`sfumato.run` owns what a run
 directory is (:class:`Run`), :func:`sfumato.evaluate` scores one.
 """
@@ -20,6 +21,7 @@ from . import denoiser, distill, mixture, process, samplers, sigmas
 from .denoiser import Denoiser, EDMDenoiser
 from .errors import SfumatoError
 from .model import Model, Samples, evaluate, load
+from .personalize.finetune import finetune
 from .run import Run
 from .samplers import SAMPLERS, get_sampler, sample
 from .train.trainer import train
@@ -35,6 +37,7 @@ __all__ = [
     "load",
     "train",
     "distill",
+    "finetune",
     "sample",
     "Denoiser",
     "EDMDenoiser",

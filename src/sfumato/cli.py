@@ -432,9 +432,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_data import add_parsers as add_data_parsers
     from .cli_edit import add_parsers
     from .cli_latent import add_parsers as add_latent_parsers
+    from .cli_personalize import add_parsers as add_personalize_parsers
 
     add_parsers(sub, sampler_names)
     add_latent_parsers(sub)
+    add_personalize_parsers(sub)
     add_data_parsers(sub)
 
     p = sub.add_parser(

@@ -77,7 +77,7 @@ def read_images(path: str | os.PathLike, channels: int) -> np.ndarray:
     try:
         with Image.open(p) as im:
             im.load()
-            a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+            a = np.array(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{str(p)!r} is not a readable image file ({e})") from None
     return a.reshape(1, a.shape[0], a.shape[1], channels)
@@ -95,3 +95,31 @@ def write_images(images: np.ndarray, path: str | os.PathLike, nrow: int | None =
     with atomic_write(path) as tmp:
         np.savez(tmp, images=images, **arrays)
     return path
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def read_image_folder(folder: str | os.PathLike, channels: int, size: tuple[int, int]
+                      ) -> tuple[torch.Tensor, list[str]]:
+    """The image files in ``folder`` (PNG, JPEG, ...; any size, sorted by name) as (N,
+    channels, H, W) float32 in [-1, 1], each resized to ``size`` (H, W) as a data set is
+    (:func:`sfumato.data.base.resize`), and the names of the files skipped because they are
+    not readable images. DataError for a missing folder or one without a readable image."""
+    from .data.base import from_uint8, resize
+
+    d = Path(folder)
+    if not d.is_dir():
+        raise DataError(f"image folder {str(d)!r} does not exist or is no folder")
+    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images, skipped = [], []
+    for f in files:
+        try:
+            images.append(resize(from_uint8(read_images(f, channels)), size))
+        except DataError:
+            skipped.append(f.name)
+    if not images:
+        raise DataError(f"image folder {str(d)!r} holds no readable image ("
+                        + (f"{len(skipped)} unreadable: {', '.join(skipped[:5])}" if skipped
+                           else f"no file ending in {', '.join(IMAGE_SUFFIXES)}") + ")")
+    return torch.cat(images), skipped

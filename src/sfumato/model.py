@@ -111,7 +111,13 @@ class Model:
         if self._text is None and tcfg.get("encoder"):
             from .text.conditioner import TextConditioner
 
-            self._text = TextConditioner(tcfg)
+            token = getattr(getattr(self.denoiser, "net", None), "token_embedding", None)
+            if token is not None:  # textual inversion: the run's learned word
+                from .personalize.textual_inversion import TokenTextConditioner
+
+                self._text = TokenTextConditioner(tcfg, token)
+            else:
+                self._text = TextConditioner(tcfg)
         return self._text
 
     def guided(self, guidance: float = 1.0, *, classifier: Model | None = None,

@@ -49,8 +49,8 @@ __all__ = ["KINDS", "Run", "RunRef", "run_kind", "network_config", "build_networ
            "build_denoiser",
            "resolve_ref"]
 
-#: The kinds of run, and what each one is. All but the last exist; it is the run kind a later
-#: issue adds (each kind built on other runs records them in ``refs``).
+#: The kinds of run, and what each one is (each kind built on other runs records them in
+#: ``refs``).
 KINDS: dict[str, str] = {
     "diffusion": "a denoiser trained on a data set (class-conditional or not)",
     "text": "a denoiser conditioned on text prompts",
@@ -63,7 +63,8 @@ KINDS: dict[str, str] = {
     "autoencoder": "an autoencoder whose latents a latent run models",
     "latent": "a denoiser in an autoencoder run's latent space",
     "cascade": "diffusion runs joined in stages of growing resolution",
-    "lora": "low-rank adapters on a base run",
+    "personalized": "a base run fine-tuned on a few images of a new concept (LoRA, "
+                    "DreamBooth or textual inversion)",
 }
 
 WEIGHTS_STEM = "ema"  # what sampling uses and what references hash
@@ -73,6 +74,8 @@ def run_kind(config: Mapping[str, Any]) -> str:
     """The kind of run (a key of :data:`KINDS`) a full run config describes."""
     if (config.get("distill") or {}).get("method"):
         return "student"
+    if (config.get("finetune") or {}).get("method"):
+        return "personalized"
     if config["objective"]["target"] == "classifier":
         return "classifier"
     if config["objective"]["target"] == "autoencoder":
@@ -220,8 +223,13 @@ class Run:
     def network(self, *, stem: str = WEIGHTS_STEM, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> nn.Module:
         """The run's network with its ``stem`` weights, in eval mode, without gradients."""
-        net = build_network(self.config["model"], self.num_classes)
-        net.load_state_dict(self.weights(stem))
+        if self.kind == "personalized":  # the base run's network and weights + its own
+            from .personalize.adapt import personalized_network
+
+            net = personalized_network(self, stem)
+        else:
+            net = build_network(self.config["model"], self.num_classes)
+            net.load_state_dict(self.weights(stem))
         return net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def denoiser(self, *, stem: str = WEIGHTS_STEM, device: torch.device | str = "cpu",

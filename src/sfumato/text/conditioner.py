@@ -48,6 +48,7 @@ class TextConditioner:
         self.rows: torch.Tensor | None = None  # (N, n_variants) caption index per image
         self.class_prompts: list[str] | None = None
         self.captions: list[str] = []
+        self.kept_out: list[str] = []  # captions not in the table (see _kept_out)
 
     @property
     def keys(self) -> tuple[str, str]:
@@ -86,7 +87,7 @@ class TextConditioner:
         thr = attribute_thresholds(images, labels, num_classes, attrs=attrs)
         caps = make_captions(labels, attrs, thr, generator, n_variants=self.cfg["n_variants"],
                              keep=self.cfg["keep"])
-        return self._fit_rows(caps)
+        return self.fit_rows(caps)
 
     def fit_given(self, captions: Sequence[str], labels: torch.Tensor | None = None,
                   class_names: Sequence[str] | None = None) -> TextConditioner:
@@ -106,29 +107,47 @@ class TextConditioner:
                 v += [f"{cat}: {c}", f"a {cat} image"]
             rows.append(v[: max(1, int(self.cfg["n_variants"]))])
         width = min(len(r) for r in rows)
-        return self._fit_rows([r[:width] for r in rows])
+        return self.fit_rows([r[:width] for r in rows])
 
-    def _fit_rows(self, caps: Sequence[Sequence[str]]) -> TextConditioner:
-        """Encode the distinct captions of ``caps`` (N rows of variants) once."""
+    def _kept_out(self, captions: Sequence[str]) -> set[str]:
+        """The captions to keep out of the encoded table (and the on-disk cache): none here;
+        a subclass that encodes some captions itself (e.g. with a learned token) says which."""
+        return set()
+
+    def fit_rows(self, caps: Sequence[Sequence[str]]) -> TextConditioner:
+        """Encode the distinct captions of ``caps`` (N rows of variants) once. ``rows`` index
+        ``table``; a caption kept out of it (:meth:`_kept_out`) gets row
+        ``len(table[0]) + j`` for ``kept_out[j]``."""
         self.captions = list(dict.fromkeys(c for row in caps for c in row))
+        out = self._kept_out(self.captions)
+        cached = [c for c in self.captions if c not in out]
         if self.kind == "minilm":  # rows index the cache's own table: no second copy of it
-            self._encode(self.captions)
-            index, self.table = self._cache.index, (self._cache.states, self._cache.mask)
+            self._encode(cached)
+            index = {c: self._cache.index[c] for c in cached}
+            self.table = (self._cache.states, self._cache.mask)
         else:
-            index = {c: i for i, c in enumerate(self.captions)}
-            self.table = self._encode(self.captions)
+            index = {c: i for i, c in enumerate(cached)}
+            self.table = self._encode(cached)
+        self.kept_out = [c for c in self.captions if c in out]
+        index.update({c: len(self.table[0]) + j for j, c in enumerate(self.kept_out)})
         self.rows = torch.tensor([[index[c] for c in row] for row in caps], dtype=torch.long)
         return self
 
-    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Conditioning of training images ``idx`` (B,): one caption variant each, dropped with
-        probability ``drop`` (draws from ``generator``)."""
+    def _draw(self, idx: torch.Tensor, generator: torch.Generator,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For training images ``idx`` (B,): the drawn caption's row of ``table`` (B,) long
+        and whether it is kept, not dropped (B,) bool (draws from ``generator``)."""
         if self.rows is None:
             raise RuntimeError("call fit() first")
         B = idx.shape[0]
         v = torch.randint(0, self.rows.shape[1], (B,), generator=generator)
         keep = torch.rand(B, generator=generator) >= self.cfg["drop"]
-        r = self.rows[idx, v]
+        return self.rows[idx, v], keep
+
+    def batch(self, idx: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Conditioning of training images ``idx`` (B,): one caption variant each, dropped with
+        probability ``drop`` (draws from ``generator``)."""
+        r, keep = self._draw(idx, generator)
         tokens, mask = self.table[0][r], self.table[1][r] & keep[:, None]
         return dict(zip(self.keys, (tokens, mask), strict=True))
 

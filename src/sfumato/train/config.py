@@ -70,10 +70,12 @@ DEFAULTS: dict[str, Any] = {
     "autoencoder": None,            # a latent run: the autoencoder run directory it models
     "refs": {},                     # runs this one is built from (written by the trainer)
     "distill": {},                  # a student's method and its settings (sfumato.distill)
+    "finetune": {},                 # a personalised run's method and settings
+                                    # (sfumato.personalize.finetune)
 }
 
 #: sections checked by the data and network builders, sfumato.run and sfumato.distill
-FREE_SECTIONS = ("data", "model", "refs", "distill")
+FREE_SECTIONS = ("data", "model", "refs", "distill", "finetune")
 #: top-level keys holding a path (or None), not a section
 PATH_KEYS = ("autoencoder",)
 

@@ -105,6 +105,7 @@ class Trainer:
         self.x_train = self.data.train
         self.y_train = getattr(self.data, "labels", None)
         self.cpu_seconds_setup = 0.0  # CPU time spent before the first step counts too
+        self.personal = self._setup_personal()
         self.autoencoder = self._setup_latent()
         base_weights = self._resolve_control_base()
         model_cfg = dict(self.cfg["model"])
@@ -124,11 +125,15 @@ class Trainer:
         self.hint = model_cfg.get("hint") if model_cfg["type"] == "controlnet" else None
         if self.hint and model_cfg["base"].get("num_classes"):  # a class-conditional base
             self.num_classes = model_cfg["base"]["num_classes"]
+        if self.personal is not None:  # a class base gets one more class: the concept
+            self.num_classes = self.personal.num_classes
         if self.hint:
             self.hint_cond(self.x_train[:1])  # an unknown hint name fails here
         self._setup_text()
         self.superres = self._setup_superres()
-        self.net = build_network(model_cfg, self.num_classes).to(self.device)
+        self.net = (build_network(model_cfg, self.num_classes) if self.personal is None else
+                    self.personal.network(torch.Generator().manual_seed(tc["seed"] + 3))
+                    ).to(self.device)
         if base_weights is not None:
             self.net.base.load_state_dict(base_weights)
         self.denoiser = build_denoiser(self.net, self.cfg["objective"])
@@ -186,6 +191,20 @@ class Trainer:
         self.cfg["refs"] = {"base": base.reference_from(self.out).to_dict()}
         return base.weights()
 
+    def _setup_personal(self):
+        """For a personalised run (``finetune.method`` set, :mod:`sfumato.personalize`): the
+        :class:`~sfumato.personalize.finetune.Personalization` whose concept and prior images
+        (and labels) the run trains on. None otherwise."""
+        if not self.cfg["finetune"].get("method"):
+            return None
+        from ..personalize.finetune import Personalization
+
+        c0 = time.process_time()
+        personal = Personalization(self)
+        self.x_train, self.y_train = personal.x, personal.labels
+        self.cpu_seconds_setup += time.process_time() - c0
+        return personal
+
     def _setup_latent(self):
         """For a latent run (config ``autoencoder``: an autoencoder run directory): record it
         in ``refs.autoencoder`` (path + weights hash), and train on its scaled latents of the
@@ -231,6 +250,9 @@ class Trainer:
             raise ConfigError("instruct.edits needs a text encoder for the instructions: set "
                               "text.encoder ('minilm' or 'tiny')")
         if not tcfg["encoder"]:
+            return
+        if self.personal is not None:  # the concept's and the prior images' captions
+            self.text = self.personal.text_conditioner(tcfg)
             return
         if icfg["edits"] and self.autoencoder is not None:
             raise ConfigError("instruct.edits edits images in pixel space; a latent run "
@@ -301,14 +323,14 @@ class Trainer:
                     f"with weights SHA-256 {ref['sha256'][:12]}...; that run has changed since "
                     f"(now {now and now['sha256'][:12]}...). Restore it, or start a new --out "
                     "directory on the new one")
-        for sec in ("data", "model", "objective", "distill"):  # (runs before distill: none)
+        for sec in ("data", "model", "objective", "distill", "finetune"):  # (older: none)
             if (saved_cfg.get(sec) or {}) != (self.cfg[sec] or {}):
                 raise ConfigError(
                     f"{self.out} holds a run with a different '{sec}' config; resume it with "
                     f"its own config ({ck / 'config.json'}) or choose a new --out directory"
                 )
-        self.net.load_state_dict(tensors["model"])
-        self.ema.module.load_state_dict(tensors["ema"])
+        self._load_weights(self.net, tensors["model"], ck / "model.safetensors")
+        self._load_weights(self.ema.module, tensors["ema"], ck / "ema.safetensors")
         self.opt.load_state_dict(optimizer_from_flat(tensors["optimizer"], state["optimizer"]))
         if extra:  # an objective with state of its own (a DMD fake denoiser and optimizer)
             self.objective.load_extra_state(tensors["objective"], state["objective"])
@@ -320,6 +342,22 @@ class Trainer:
         self.step, self.bad_steps = int(state["step"]), int(state.get("bad_steps", 0))
         self.losses = [tuple(v) for v in state.get("losses", [])]
         self.cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
+
+    def _weights(self, net: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors of ``net`` a checkpoint stores: all, or a personalised run's own."""
+        if self.personal is None:
+            return net.state_dict()
+        from ..personalize.adapt import trainable_state
+
+        return trainable_state(self.personal.names, net)
+
+    def _load_weights(self, net: nn.Module, tensors: dict[str, torch.Tensor], where) -> None:
+        if self.personal is None:
+            net.load_state_dict(tensors)
+            return
+        from ..personalize.adapt import load_trainable_state
+
+        load_trainable_state(net, self.personal.names, tensors, str(where))
 
     def save(self) -> Path | None:
         """Write a checkpoint of the current step (rank 0). Refuses non-finite weights."""
@@ -347,7 +385,10 @@ class Trainer:
             state["image_shape"] = list(self.data.shape)
         if self.text is not None and self.text.class_prompts:
             state["class_prompts"] = self.text.class_prompts
-        tensors = {"model": self.net.state_dict(), "ema": self.ema.module.state_dict(),
+        if self.personal is not None:
+            state.update(self.personal.state())
+            self.personal.write_files(self.ema.module)
+        tensors = {"model": self._weights(self.net), "ema": self._weights(self.ema.module),
                    "optimizer": opt_t, "rng": rng}
         if hasattr(self.objective, "extra_state"):
             tensors["objective"], state["objective"] = self.objective.extra_state()
