@@ -54,7 +54,7 @@ FINETUNE_DEFAULTS: dict[str, Any] = {
 
 #: train-section defaults per method (the base run's train section under them)
 METHOD_TRAIN: dict[str, dict[str, Any]] = {
-    "lora": {"steps": 400, "lr": 2e-3},
+    "lora": {"steps": 800, "lr": 2e-3},
     "dreambooth": {"steps": 300, "lr": 2e-4},
     "textual-inversion": {"steps": 400, "lr": 5e-3},
 }
