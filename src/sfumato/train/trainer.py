@@ -73,6 +73,14 @@ def _maybe_init_distributed(device: torch.device) -> tuple[int, int]:
     return _dist_info()
 
 
+def _finish_distributed() -> None:
+    """All ranks wait for rank 0's last writes, then tear the process group down together
+    (a rank leaving with a live gloo group can abort at interpreter exit)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 class Trainer:
     """Owns one run directory. ``Trainer(config, out).run()`` trains to ``train.steps``,
     resuming from ``out/checkpoint`` if it exists.
@@ -516,6 +524,7 @@ class Trainer:
                    "train_cpu_seconds": self.cpu_seconds}
         if self.rank == 0:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        _finish_distributed()
         return summary
 
     # -- artefacts --------------------------------------------------------------------------
