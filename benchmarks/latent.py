@@ -152,10 +152,11 @@ def emoji_part(pixel: Path, latent: Path, n: int, guidance: float, rows: list, l
     from sfumato.imageio import save_grid
     from sfumato.metrics import get_classifier
 
-    models = {"latent": sfumato.load(latent)}
-    if pixel is not None and pixel.name != "none":
-        models = {"pixel": sfumato.load(pixel), **models}
-    data = sfumato.data.get_dataset(models["latent"].config["data"])
+    models = {name: sfumato.load(d) for name, d in (("pixel", pixel), ("latent", latent))
+              if d is not None and d.name != "none"}
+    if not models:
+        raise SystemExit("--parts emoji needs --emoji-pixel-run or --emoji-latent-run")
+    data = sfumato.data.get_dataset(next(iter(models.values())).config["data"])
     clf = get_classifier(data)
     caps = [data.heldout_captions[i % len(data.heldout_captions)] for i in range(n)]
     per = max(1, n // data.num_classes)
@@ -203,7 +204,8 @@ def main() -> None:
     ap.add_argument("--latent-run", type=Path, default=Path("runs/mnist_ldm"))
     ap.add_argument("--emoji-pixel-run", type=Path, default=Path("runs/emoji_pixel"),
                     help="'none': the latent run alone")
-    ap.add_argument("--emoji-latent-run", type=Path, default=Path("runs/emoji_ldm"))
+    ap.add_argument("--emoji-latent-run", type=Path, default=Path("runs/emoji_ldm"),
+                    help="'none': the pixel run alone")
     ap.add_argument("--emoji-guidance", type=float, default=3.0)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--guidance", type=float, default=1.0)

@@ -35,3 +35,10 @@ def _add_set_option(p: argparse.ArgumentParser) -> None:
                    help="change one config value, e.g. --set train.steps=100 --set "
                         "model.channel_mult=[1,2] (KEY: a dotted config key; VALUE: JSON, or "
                         "else a plain string); repeatable, applied in order")
+
+
+def _trained(verb: str, summary: dict) -> str:
+    """The first half of a training command's closing line: "VERB to step N in S s (M
+    CPU-minutes)" from a trainer's summary."""
+    return (f"{verb} to step {summary['steps']} in {summary['seconds']:.0f} s "
+            f"({summary['train_cpu_seconds'] / 60:.1f} CPU-minutes)")

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ._cli_args import _add_set_option, _class_label, _positive_int
+from ._cli_args import _add_set_option, _class_label, _positive_int, _trained
 from .errors import SfumatoError, TrainingError, UsageError
 
 __all__ = ["main", "build_parser"]
@@ -105,10 +105,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
         config = apply_overrides(read_config_file(config) if config else {}, args.sets)
     summary = distill(args.teacher, args.method, out=args.out, config=config,
                       steps=args.steps, progress=not args.no_progress)
-    print(f"distilled to step {summary['steps']} in {summary['seconds']:.0f} s "
-          f"({summary['train_cpu_seconds'] / 60:.1f} CPU-minutes); checkpoint in "
-          f"{Path(args.out) / 'checkpoint'}; sample it with 'sfumato sample {args.out} "
-          "--out FILE.png'")
+    print(f"{_trained('distilled', summary)}; checkpoint in {Path(args.out) / 'checkpoint'}; "
+          f"sample it with 'sfumato sample {args.out} --out FILE.png'")
     return 0
 
 

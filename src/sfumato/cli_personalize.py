@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._cli_args import _add_set_option, _positive_int
+from ._cli_args import _add_set_option, _positive_int, _trained
 
 __all__ = ["add_parsers"]
 
@@ -25,10 +25,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     summary = finetune(args.run, args.images, out=args.out, method=args.method, config=config,
                        steps=args.steps, progress=not args.no_progress, **settings)
     prompt = f"a {args.token}"
-    print(f"fine-tuned to step {summary['steps']} in {summary['seconds']:.0f} s "
-          f"({summary['train_cpu_seconds'] / 60:.1f} CPU-minutes); sample it with 'sfumato "
-          f"sample {args.out} --prompt \"{prompt}\" --out FILE.png' (a class base: --class "
-          "with the new label, the last one)")
+    print(f"{_trained('fine-tuned', summary)}; sample it with 'sfumato sample {args.out} "
+          f"--prompt \"{prompt}\" --out FILE.png' (a class base: --class with the new label, "
+          "the last one)")
     return 0
 
 

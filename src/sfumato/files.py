@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "cache_dir", "write_json_atomic", "sha256_file"]
+__all__ = ["atomic_write", "cache_dir", "read_safetensors", "write_json_atomic", "sha256_file"]
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -80,3 +80,23 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def read_safetensors(path: str | os.PathLike, what: str, fix: str = ""
+                     ) -> tuple[dict[str, Any], dict[str, str]]:
+    """(tensors, header metadata) of the safetensors file ``path``, nothing unpickled.
+    :class:`~sfumato.errors.CheckpointError` naming ``what`` (e.g. "LoRA file") for a missing
+    or unreadable file, with ``fix`` appended (e.g. "; delete it and it is made again")."""
+    from safetensors import safe_open
+
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist{fix}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"{what} {path} is not a readable safetensors file ({e}){fix}"
+                              ) from None

@@ -26,11 +26,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError, UsageError
-from ..files import atomic_write
+from ..files import atomic_write, read_safetensors
 
 __all__ = ["subject_captions", "prior_prompts", "prior_images", "training_set", "base_words",
            "check_token"]
@@ -65,13 +64,13 @@ def _read_prior(path: Path, sha: str, n: int) -> dict[str, torch.Tensor] | None:
     otherwise (made again)."""
     if not path.is_file():
         return None
+    tensors, header = read_safetensors(path, "the prior-image cache",
+                                       "; delete it and it is made again")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("sfumato_prior", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"the prior-image cache {path} is unreadable ({e}); delete it "
-                              "and it is made again") from None
+        meta = json.loads(header.get("sfumato_prior", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"the prior-image cache {path} has a corrupt header ({e}); "
+                              "delete it and it is made again") from None
     if meta.get("base_sha256") != sha or meta.get("n") != n or "images" not in tensors:
         return None
     return tensors

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..errors import CheckpointError, ConfigError, UsageError, did_you_mean
-from ..files import atomic_write
+from ..errors import ConfigError, UsageError, did_you_mean
+from ..files import atomic_write, read_safetensors
 from ..run import Run, build_network
 from .adapt import METHODS, adapt_network
 
@@ -176,12 +175,7 @@ class Personalization:
 
         path = self.out / SUBJECT_FILE
         if path.is_file():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    return f.get_tensor("images")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{path} (the run's copy of its images) is unreadable: "
-                                      f"{e}") from None
+            return read_safetensors(path, "the run's copy of its images")[0]["images"]
         shape = self.base.data_shape
         x, skipped = read_image_folder(folder, shape[0], tuple(shape[1:]))
         if skipped:

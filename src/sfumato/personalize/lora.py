@@ -55,12 +55,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError, UsageError, check_finite
-from ..files import atomic_write
+from ..files import atomic_write, read_safetensors
 
 __all__ = ["LoRA", "DEFAULT_TARGETS", "inject_lora", "lora_layers", "merge", "unmerge",
            "set_lora_scale", "remove_lora", "trainable_lora_parameters",
@@ -576,16 +575,7 @@ def save_lora(net: nn.Module, path: str | os.PathLike, name: str = "default",
 def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, settings) of a LoRA file; CheckpointError for a missing or unreadable file
     or one without sfumato's settings."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"LoRA file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"LoRA file {path} is not a readable safetensors file: {e}"
-                              ) from None
+    tensors, header = read_safetensors(path, "LoRA file")
     if METADATA_KEY not in header:
         raise CheckpointError(f"LoRA file {path} has no {METADATA_KEY!r} settings in its "
                               "header (rank, alpha, ...): write it with save_lora")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
-from ..files import atomic_write
+from ..files import atomic_write, read_safetensors
 from ..text.conditioner import TextConditioner
 from ..text.encoders import MiniLMEncoder
 
@@ -265,18 +265,8 @@ def load_token(path: str | os.PathLike, dim: int | None = 384) -> TokenEmbedding
     """The :class:`TokenEmbedding` written by :func:`save_token` (its ``meta`` as attribute
     ``meta``); nothing is unpickled. CheckpointError for a missing, unreadable or corrupt
     file, or vectors whose width is not ``dim`` (None: any)."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"token file {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            vectors = f.get_tensor(TENSOR_KEY) if TENSOR_KEY in f.keys() else None
-    except Exception as e:  # safetensors raises its own error types
-        raise CheckpointError(f"token file {path} is not a readable safetensors file: {e}"
-                              ) from None
+    tensors, header = read_safetensors(path, "token file")
+    vectors = tensors.get(TENSOR_KEY)
     try:
         info = json.loads(header[METADATA_KEY])
         token, n, d = info["token"], int(info["n_vectors"]), int(info["dim"])
