@@ -78,6 +78,11 @@ def binary_judge(pos: torch.Tensor, neg: torch.Tensor, seed: int, width: int = 1
                                    "width": width * base["width"]})
 
 
+def accept_rate(judges, x: torch.Tensor) -> list[float]:
+    """Fraction of the images x that each binary judge calls label 1, one per judge."""
+    return [float((c.predict(x) == 1).float().mean()) for c in judges]
+
+
 def concept_classifiers(others: torch.Tensor, rest_animals: torch.Tensor, base_data
                         ) -> list:
     """Two concept-vs-rest classifiers (label 1 = the concept), trained on other images of
@@ -176,8 +181,7 @@ def zip_part(args, subject_run: Path, others: torch.Tensor, rest: torch.Tensor, 
             x = m.sample(args.n, prompt=prompt, guidance=args.guidance, seed=1).x
             if prompt == "a sks zzq":
                 save_grid(to_uint8(x[:64]), args.out / f"zip-{name.split()[0]}.png", nrow=8)
-            acc = [float((c.predict(x) == 1).float().mean())
-                   for c in (concept_judge, dotted_judge)]
+            acc = accept_rate((concept_judge, dotted_judge), x)
             rows.append({"zip": name, "prompt": prompt, "accept": acc})
             lines.append(f"| {name} | {prompt} | {acc[0]:.2f} | {acc[1]:.2f} |")
 
@@ -214,15 +218,15 @@ def main() -> None:
     alt = alt_classifier(data)
     held = others[:args.n]
     rows = [{"concept": args.concept, "classifier_test_acc": [c.test_acc for c in clfs],
-             "heldout_accept": [float((c.predict(held) == 1).float().mean()) for c in clfs],
+             "heldout_accept": accept_rate(clfs, held),
              "heldout_nn": nn_distance(held, subject),
-             "subject_accept": [float((c.predict(subject) == 1).float().mean()) for c in clfs]}]
+             "subject_accept": accept_rate(clfs, subject)}]
     base_model = sfumato.load(args.base)
     before = ordinary(base_model, args.n_prior, args.guidance, data, alt)
     base_x = concept_samples(base_model, args.n, args.guidance, "sks") if base_model.text \
         else None
     rows.append({"method": "base", **before,
-                 **({"accept": [float((c.predict(base_x) == 1).float().mean()) for c in clfs]}
+                 **({"accept": accept_rate(clfs, base_x)}
                     if base_x is not None else {})})
     print(rows)
     for name in args.methods:
@@ -239,7 +243,7 @@ def main() -> None:
         rows.append({"method": name, "cpu_minutes": cpu, "trainable": trainable,
                      "file_bytes": ema.stat().st_size,
                      "base_bytes": (Path(base_run.checkpoint) / "ema.safetensors").stat().st_size,
-                     "accept": [float((c.predict(x) == 1).float().mean()) for c in clfs],
+                     "accept": accept_rate(clfs, x),
                      "nn": nn_distance(x, subject),
                      **ordinary(m, args.n_prior, args.guidance, data, alt)})
         print(rows[-1])

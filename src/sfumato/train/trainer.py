@@ -65,20 +65,22 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def _maybe_init_distributed(device: torch.device) -> tuple[int, int]:
+def _maybe_init_distributed(device: torch.device) -> bool:
+    """Start the process group under a launcher (``WORLD_SIZE`` > 1) unless the caller already
+    has; True when this call started it (and so :func:`_finish_distributed` ends it)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend)
-    return _dist_info()
+        return True
+    return False
 
 
 def _finish_distributed() -> None:
-    """All ranks wait for rank 0's last writes, then tear the process group down together
-    (a rank leaving with a live gloo group can abort at interpreter exit)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    """All ranks wait for rank 0's last writes, then tear down the group the trainer started
+    together (a rank leaving with a live gloo group can abort at interpreter exit)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 class Trainer:
@@ -99,7 +101,8 @@ class Trainer:
         self.cfg = load_config(config)
         self.out = Path(out)
         self.device = torch.device(device) if device is not None else default_device()
-        self.rank, self.world = _maybe_init_distributed(self.device)
+        self._owns_group = _maybe_init_distributed(self.device)
+        self.rank, self.world = _dist_info()
         tc = self.cfg["train"]
         if tc["num_threads"]:
             torch.set_num_threads(int(tc["num_threads"]))
@@ -524,7 +527,8 @@ class Trainer:
                    "train_cpu_seconds": self.cpu_seconds}
         if self.rank == 0:
             (self.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        _finish_distributed()
+        if self._owns_group:  # a group the caller started is the caller's to end
+            _finish_distributed()
         return summary
 
     # -- artefacts --------------------------------------------------------------------------
