@@ -173,3 +173,84 @@ def test_a_text_conditioned_dit_trains_on_latents(ae_dir, tmp_path):
     assert isinstance(m, LatentModel) and m.text is not None
     s = m.sample(2, steps=2, prompt="a thick 3", guidance=2.0)
     assert s.x.shape == (2, 1, 8, 8) and s.prompts == ["a thick 3"] * 2
+
+
+def test_a_latent_base_is_personalised_in_its_latent_space(ae_dir, ldm_dir, tmp_path):
+    """LoRA on a latent class base: the concept images are encoded by the base's own
+    autoencoder, the prior images are the base's latents, the run and its merge sample images
+    through that autoencoder, and a changed autoencoder is refused."""
+    import numpy as np
+    from PIL import Image
+
+    from sfumato.personalize.combine import merge_run
+    from sfumato.personalize.dreambooth import PRIOR_FILE
+    from sfumato.personalize.finetune import SUBJECT_FILE
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i in range(3):
+        a = np.zeros((16, 16), np.uint8)
+        a[2:14, 4 + i:9 + i] = 255
+        Image.fromarray(a).save(imgs / f"{i}.png")
+    out = tmp_path / "p"
+    sfumato.finetune(ldm_dir, imgs, out=out, steps=3, progress=False, prior_images=4,
+                     config={"train": {"batch_size": 8}})
+    run = Run(out)
+    assert run.kind == "personalized" and set(run.refs) == {"base", "autoencoder"}
+    assert run.resolve("autoencoder").path == ae_dir and run.data_shape == (2, 4, 4)
+    from safetensors.torch import load_file
+
+    subject = load_file(str(out / SUBJECT_FILE))["images"]
+    assert subject.shape == (3, 1, 8, 8)  # read at the autoencoder's image size
+    ae = sfumato.load(ae_dir)
+    trainer = Trainer(run.config, out, progress=False)
+    assert torch.equal(trainer.x_train[:3], ae.encode(subject))  # trained on the encoding
+    assert load_file(str(out / PRIOR_FILE))["images"].shape == (4, 2, 4, 4)  # latents
+    m = sfumato.load(out)
+    assert isinstance(m, LatentModel) and m.num_classes == 11
+    assert m.sample(2, class_labels=10, steps=2).x.shape == (2, 1, 8, 8)
+    merge_run(ldm_dir, out, tmp_path / "merged")
+    merged = sfumato.load(tmp_path / "merged")
+    assert isinstance(merged, LatentModel) and merged.run.kind == "latent"
+    z, s, y = torch.randn(2, 2, 4, 4), torch.tensor([0.5, 2.0]), torch.tensor([10, 3])
+    assert torch.allclose(merged.run.network()(z, s, class_labels=y),
+                          run.network()(z, s, class_labels=y), atol=1e-5)
+    assert merged.sample(2, class_labels=10, steps=2).x.shape == (2, 1, 8, 8)
+    # the base's autoencoder retrained in place: fine-tuning that base is refused, clearly
+    shutil.copytree(ae_dir, tmp_path / "x" / "ae")
+    shutil.copytree(ldm_dir, tmp_path / "x" / "ldm")
+    train({**AE, "train": {**AE["train"], "steps": 31}}, out=tmp_path / "x" / "ae",
+          progress=False)
+    with pytest.raises(RunReferenceError, match="changed since"):
+        sfumato.finetune(tmp_path / "x" / "ldm", imgs, out=tmp_path / "q", steps=1,
+                         progress=False)
+    assert not (tmp_path / "q").exists()
+
+
+def test_loras_of_a_latent_text_base_zip_and_sample_images(ae_dir, tmp_path):
+    """ZipLoRA of two LoRA runs of a latent MiniLM base: trained on the encoded concept
+    images, written as a run that samples images through the base's autoencoder."""
+    import numpy as np
+    from PIL import Image
+
+    from sfumato.personalize.combine import zip_runs
+
+    cfg = _ldm(ae_dir)
+    cfg["model"] = {**cfg["model"], "conditional": False, "context_dim": 384}
+    cfg["text"] = {"encoder": "minilm", "n_variants": 1, "keep": 0.0}
+    train(cfg, out=tmp_path / "base", progress=False)
+    for token, col in (("sks", 2), ("zzq", 9)):
+        (tmp_path / token).mkdir()
+        a = np.zeros((8, 8), np.uint8)
+        a[1:7, col:col + 3] = 255
+        Image.fromarray(a).save(tmp_path / token / "0.png")
+        sfumato.finetune(tmp_path / "base", tmp_path / token, out=tmp_path / f"l-{token}",
+                         token=token, steps=2, progress=False, prior_images=2,
+                         config={"train": {"batch_size": 4}})
+    summary = zip_runs(tmp_path / "l-sks", tmp_path / "l-zzq", tmp_path / "zip", steps=2)
+    assert np.isfinite(summary["last_loss"])
+    run = Run(tmp_path / "zip")
+    assert run.resolve("autoencoder").path == ae_dir
+    m = sfumato.load(tmp_path / "zip")
+    assert isinstance(m, LatentModel)
+    assert m.sample(2, prompt="a sks zzq", steps=2).x.shape == (2, 1, 8, 8)

@@ -22,8 +22,10 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
+from ..files import read_safetensors
 from ..run import Run, build_denoiser, build_network
 from .adapt import SlotEmbedding
+from .finetune import SUBJECT_FILE, base_autoencoder
 from .lora import load_lora, network_config_sha256, read_lora_metadata, remove_lora
 
 __all__ = ["merge_run", "zip_runs"]
@@ -47,6 +49,14 @@ def _plain(net: nn.Module) -> nn.Module:
             with torch.no_grad():
                 m.label.weight.copy_(w)
     return net
+
+
+def _autoencoder_ref(run: Run, out: Path) -> dict[str, Any]:
+    """``{"autoencoder": ref}`` of a latent run's autoencoder, as a run in ``out`` records it
+    (a run made from ``run``'s config samples through it); {} for a pixel-space run."""
+    if not run.config.get("autoencoder"):
+        return {}
+    return {"autoencoder": run.resolve("autoencoder").reference_from(out).to_dict()}
 
 
 def _lora_file(path: Path) -> Path:
@@ -86,7 +96,7 @@ def merge_run(base: str | os.PathLike, lora: str | os.PathLike, out: str | os.Pa
         load_lora(net, lora)
         net = _plain(net)
     config = copy.deepcopy(base_run.config)
-    config["refs"] = {**config.get("refs", {}),
+    config["refs"] = {**config.get("refs", {}), **_autoencoder_ref(base_run, out),
                       "merged_base": base_run.reference_from(out).to_dict()}
     state["merged_lora"] = str(lora.resolve())
     weights = {k: v.float() for k, v in net.state_dict().items()}
@@ -140,10 +150,10 @@ def zip_runs(subject: str | os.PathLike, style: str | os.PathLike, out: str | os
         raise UsageError("lora zip needs LoRA runs of a text base (their prompts are zipped)")
     c0 = time.process_time()
     fwd = []
-    from safetensors.torch import load_file
-
     for r in runs:
-        x = load_file(str(r.dir / "subject.safetensors"))["images"]
+        x = read_safetensors(r.dir / SUBJECT_FILE, "the run's copy of its images")[0]["images"]
+        if base.config.get("autoencoder"):  # a latent base: its denoiser sees latents
+            x = base_autoencoder(base).encode(x)
         s = r.config["finetune"]
         fwd.append(_forward(r, base.config["objective"], x,
                             subject_captions(s["token"], s["class_word"])))
@@ -163,6 +173,7 @@ def zip_runs(subject: str | os.PathLike, style: str | os.PathLike, out: str | os
     config["finetune"] = {**config["finetune"], "method": "ziplora",
                           "token": [r.config["finetune"]["token"] for r in runs]}
     config["refs"] = {"base": base.reference_from(out).to_dict(),
+                      **_autoencoder_ref(base, out),
                       **{role: r.reference_from(out).to_dict()
                          for role, r in zip(("subject", "style"), runs, strict=True)}}
     cpu = time.process_time() - c0

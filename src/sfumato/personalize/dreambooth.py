@@ -78,9 +78,10 @@ def _read_prior(path: Path, sha: str, n: int) -> dict[str, torch.Tensor] | None:
 
 def prior_images(out: Path, base, n: int, class_word: str | None, guidance: float | None,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
-    """(images (n, *data_shape) in [-1, 1], labels (n,) for a class base or None, prompts
-    (n,) for a text base or None): the base's samples, from ``out/prior.safetensors`` when
-    it holds those of this base, else sampled (seed ``seed``) and cached there."""
+    """(images (n, *data_shape) in [-1, 1], or a latent base's latents; labels (n,) for a
+    class base or None; prompts (n,) for a text base or None): the base's samples, from
+    ``out/prior.safetensors`` when it holds those of this base, else sampled (seed ``seed``)
+    and cached there."""
     from ..model import load
 
     path = out / PRIOR_FILE
@@ -92,8 +93,9 @@ def prior_images(out: Path, base, n: int, class_word: str | None, guidance: floa
         return cached["images"], cached.get("labels"), cycle
     model = load(base)
     labels = torch.arange(n) % base.num_classes if base.num_classes else None
-    x = model.sample(n, seed=seed, prompt=cycle, class_labels=labels if labels is not None
-                     else "auto", guidance=guidance).x.cpu().float()
+    drawn = model.sample(n, seed=seed, prompt=cycle, class_labels=labels if labels is not None
+                         else "auto", guidance=guidance)
+    x = getattr(drawn, "latents", drawn.x).cpu().float()  # a latent base trains on its latents
     tensors = {"images": x.contiguous(), **({"labels": labels} if labels is not None else {})}
     meta = {"base_sha256": sha, "n": n, "class_word": class_word, "guidance": guidance,
             "seed": seed}

@@ -16,6 +16,12 @@ The run keeps its own copy of the concept images (``subject.safetensors``) and t
 images it generated (``prior.safetensors``, :mod:`~sfumato.personalize.dreambooth`); a
 LoRA run also writes ``lora.safetensors`` (peft's key layout) and a textual-inversion run on
 a text base ``token.safetensors``, each small and loadable onto the base network alone.
+
+A latent base (a denoiser in an autoencoder run's latent space, :mod:`sfumato.latent`) is
+fine-tuned in its latent space: the concept images are read at the autoencoder's image size
+and encoded by the base's own autoencoder (``refs.autoencoder``, checked by hash), the prior
+images are the base's sampled latents, and the run samples images through that autoencoder
+as the base does.
 """
 
 from __future__ import annotations
@@ -91,9 +97,9 @@ def _settings(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_base(base: Run) -> None:
-    if base.kind not in ("diffusion", "text"):
-        raise UsageError(f"the base {base.path} is a {base.kind} run; fine-tune a pixel-space "
-                         "diffusion run (class- or text-conditioned)")
+    if base.kind not in ("diffusion", "text", "latent"):
+        raise UsageError(f"the base {base.path} is a {base.kind} run; fine-tune a diffusion "
+                         "run (class- or text-conditioned, in pixel or latent space)")
     text = (base.config.get("text") or {}).get("encoder")
     if not (text or base.num_classes):
         raise UsageError(f"the base {base.path} is unconditional: a new concept needs a text "
@@ -124,6 +130,8 @@ def finetune_config(base: Run, images: str | os.PathLike, out: str | os.PathLike
     cfg = {"data": tc["data"], "model": tc["model"], "objective": tc["objective"],
            "train": train, "text": tc.get("text", {}), "sample": tc["sample"],
            "finetune": s, "refs": {"base": base.reference_from(out).to_dict()}}
+    if tc.get("autoencoder"):  # a latent base: its own autoencoder (the trainer records it)
+        cfg["autoencoder"] = str(base.resolve("autoencoder").path)
     for sec, val in over.items():
         if not isinstance(val, dict) or sec in ("data", "model", "objective", "refs"):
             raise ConfigError(f"a fine-tuning config may override 'train', 'sample', 'text' "
@@ -154,6 +162,8 @@ class Personalization:
         self.base_classes = self.base.num_classes
         check_token(s["token"], self.base)
         subject = self._subject(Path(s["images"]), trainer.rank == 0)
+        if self.base.config.get("autoencoder"):  # a latent base: train on the latents
+            subject = base_autoencoder(self.base, trainer.device).encode(subject).cpu()
         prior = labels = prompts = None
         if s["prior_preservation"]:
             prior, labels, prompts = prior_images(
@@ -170,13 +180,13 @@ class Personalization:
 
     def _subject(self, folder: Path, write: bool) -> torch.Tensor:
         """The concept images: the run's own copy (made from ``folder`` at the first start,
-        resized to the base's data shape)."""
+        resized to the base's image shape)."""
         from ..imageio import read_image_folder
 
         path = self.out / SUBJECT_FILE
         if path.is_file():
             return read_safetensors(path, "the run's copy of its images")[0]["images"]
-        shape = self.base.data_shape
+        shape = image_shape(self.base)
         x, skipped = read_image_folder(folder, shape[0], tuple(shape[1:]))
         if skipped:
             print(f"skipped {len(skipped)} unreadable file(s) in {folder}: "
@@ -253,6 +263,20 @@ class Personalization:
                                                            range(self.base_classes)]
             s["class_names"] = [*names, self.settings["token"]]
         return s
+
+
+def image_shape(base: Run) -> tuple[int, ...]:
+    """The shape (C, H, W) of the images a run models: a latent run's autoencoder images,
+    else its data's."""
+    return tuple(base.state.get("image_shape") or base.data_shape)
+
+
+def base_autoencoder(base: Run, device: torch.device | str = "cpu"):
+    """The :class:`~sfumato.autoencoder.AutoencoderModel` of a latent base (its recorded
+    ``refs.autoencoder``, checked against the hash)."""
+    from ..autoencoder import AutoencoderModel
+
+    return AutoencoderModel(base.resolve("autoencoder"), device)
 
 
 def finetune(base: str | os.PathLike | Run, images: str | os.PathLike, *,

@@ -226,11 +226,12 @@ class Trainer:
         from ..latent import cached_latents, open_autoencoder
 
         c0 = time.process_time()
-        ae = open_autoencoder(self.cfg["autoencoder"], self.x_train.shape[1:], self.device)
+        ae = open_autoencoder(self.cfg["autoencoder"], self.data.shape, self.device)
         ref = ae.run.reference_from(self.out)
         self.cfg["refs"] = {**self.cfg["refs"], "autoencoder": ref.to_dict()}
-        self.x_train = cached_latents(self.out, ae, self.data, self.cfg["data"],
-                                      self.rank == 0, ref.sha256)
+        if self.personal is None:  # (a personalised run's concept and prior are latents)
+            self.x_train = cached_latents(self.out, ae, self.data, self.cfg["data"],
+                                          self.rank == 0, ref.sha256)
         self.cpu_seconds_setup += time.process_time() - c0
         return ae
 
