@@ -2,9 +2,12 @@
 
     python benchmarks/personalize.py --base runs/text --concept cat --out runs/personalize-bench
     python benchmarks/personalize.py --base runs/mnist --concept giraffe --methods lora dreambooth
+    python benchmarks/personalize.py --base runs/emoji_ldm --concept giraffe --methods lora
 
-For one base run (a MiniLM text run or a class-conditional run) and one animal class of the
-``animal-mnist`` silhouettes (:mod:`sfumato.data.animals`, resized to the base's size):
+For one base run (a MiniLM text run or a class-conditional run, in pixel or latent space)
+and one animal class of the ``animal-mnist`` silhouettes (:mod:`sfumato.data.animals`,
+resized to the base's image size; painted orange on white for an RGB base such as the emoji
+latent model):
 
 1. five training images of the concept are written as PNGs to ``OUT/concept-CONCEPT/`` and
    each method (``--methods``: ``lora``, ``lora-noprior``, ``dreambooth``,
@@ -43,6 +46,7 @@ from sfumato.files import write_results
 from sfumato.imageio import save_grid, save_png
 from sfumato.metrics import evaluate_images
 from sfumato.metrics.classifier import RECIPES, train_classifier
+from sfumato.personalize.finetune import image_shape
 from sfumato.run import Run
 
 METHODS = {"lora": {"method": "lora"},
@@ -52,14 +56,29 @@ METHODS = {"lora": {"method": "lora"},
            "textual-inversion": {"method": "textual-inversion"}}
 
 
+#: the ink colour of the silhouettes for an RGB base (RGB in [0, 1]; on white, as emoji are)
+INK = (0.95, 0.55, 0.10)
+
+
+def painted(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Silhouettes x (N, 1, H, W) in [-1, 1] (ink high) as ``channels``-channel images: as they
+    are for a grey base, for an RGB base the ink in :data:`INK` on a white ground."""
+    if channels == 1:
+        return x
+    w = (x + 1) / 2
+    ink = torch.tensor(INK).reshape(1, 3, 1, 1)
+    return ((1 - w) + w * ink) * 2 - 1
+
+
 def concept_sets(concept: str, shape: tuple[int, ...], n_subject: int
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(subject images, other images of the concept, other animals) at the base's shape."""
+    """(subject images, other images of the concept, other animals) at the base's image
+    shape (C, H, W)."""
     animals = load_animals()
     k = ANIMALS.index(concept)
     x = torch.cat([animals.train, animals.heldout])
     y = torch.cat([animals.labels, animals.heldout_labels])
-    x = resize(x, tuple(shape[1:]))
+    x = painted(resize(x, tuple(shape[1:])), shape[0])
     mine = x[y == k]
     return mine[:n_subject], mine[n_subject:], x[y != k]
 
@@ -209,7 +228,7 @@ def main() -> None:
     extra = apply_overrides({}, args.set)
     base_run = Run(args.base)
     data = get_dataset(base_run.config["data"])
-    subject, others, rest = concept_sets(args.concept, base_run.data_shape, args.n_subject)
+    subject, others, rest = concept_sets(args.concept, image_shape(base_run), args.n_subject)
     folder = args.out / f"concept-{args.concept}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(subject).numpy()):

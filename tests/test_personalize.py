@@ -186,3 +186,33 @@ def test_cli_finetune_and_refusals(bases, tmp_path, capsys):
     with pytest.raises(RunReferenceError):
         sfumato.load(tmp_path / "d")
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_caption_files_beside_the_images(bases, tmp_path, capsys):
+    """NAME.txt beside NAME.png is that image's caption (it must contain the token); images
+    without one keep "a sks"; a class base ignores them, saying so."""
+    from sfumato.personalize.finetune import read_subject
+    from sfumato.train.trainer import Trainer
+
+    imgs = tmp_path / "imgs"
+    shutil.copytree(bases / "imgs", imgs)
+    (imgs / "0.txt").write_text("a sks  in\nthick strokes\n")
+    (imgs / "3.txt").write_text("a large sks")
+    sfumato.finetune(bases / "text", imgs, out=tmp_path / "cap", steps=1, progress=False,
+                     **FAST)
+    _, own = read_subject(tmp_path / "cap" / "subject.safetensors")
+    assert own == ["a sks in thick strokes", None, None, "a large sks", None]
+    t = Trainer(Run(tmp_path / "cap").config, tmp_path / "cap", progress=False)
+    rows = t.personal.captions()
+    assert rows[0] == ["a sks in thick strokes"] * 2 and rows[1] == ["a sks", "sks"]
+    assert rows[3] == ["a large sks"] * 2 and rows[5] == rows[0]  # the subject repeated
+    (imgs / "1.txt").write_text("a thick bar")
+    with pytest.raises(UsageError, match=r"1\.txt .*does not contain the token 'sks'"):
+        sfumato.finetune(bases / "text", imgs, out=tmp_path / "bad", steps=1, progress=False)
+    assert not (tmp_path / "bad").exists()
+    capsys.readouterr()
+    (imgs / "1.txt").unlink()
+    sfumato.finetune(bases / "cls", imgs, out=tmp_path / "slot", steps=1, progress=False,
+                     method="textual-inversion", **FAST)
+    assert "ignored the caption files" in capsys.readouterr().out
+    assert read_subject(tmp_path / "slot" / "subject.safetensors")[1] == [None] * 5

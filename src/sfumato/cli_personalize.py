@@ -61,7 +61,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                    "resumes it.")
     p.add_argument("run", metavar="RUN", help="the base run directory")
     p.add_argument("--images", required=True, metavar="DIR",
-                   help="folder of PNG/JPEG images of the concept (any size; resized)")
+                   help="folder of PNG/JPEG images of the concept (any size; resized); "
+                        "NAME.txt beside NAME.png is its caption (with the token)")
     p.add_argument("--token", default="sks", help="the concept's new word (default: sks)")
     p.add_argument("--class-word", default=None, metavar="WORD",
                    help="the concept's class noun: captions 'a TOKEN WORD', prior 'a WORD'")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -100,26 +101,37 @@ def write_images(images: np.ndarray, path: str | os.PathLike, nrow: int | None =
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+class ImageFolder(NamedTuple):
+    """What :func:`read_image_folder` read: ``images`` (N, C, H, W) in [-1, 1], the names of
+    the ``skipped`` files, and the ``names`` of the N files read, in order."""
+
+    images: torch.Tensor
+    skipped: list[str]
+    names: list[str]
+
+
 def read_image_folder(folder: str | os.PathLike, channels: int, size: tuple[int, int]
-                      ) -> tuple[torch.Tensor, list[str]]:
+                      ) -> ImageFolder:
     """The image files in ``folder`` (PNG, JPEG, ...; any size, sorted by name) as (N,
     channels, H, W) float32 in [-1, 1], each resized to ``size`` (H, W) as a data set is
-    (:func:`sfumato.data.base.resize`), and the names of the files skipped because they are
-    not readable images. DataError for a missing folder or one without a readable image."""
+    (:func:`sfumato.data.base.resize`), with the names of the files skipped because they are
+    not readable images and of those read. DataError for a missing folder or one without a
+    readable image."""
     from .data.base import from_uint8, resize
 
     d = Path(folder)
     if not d.is_dir():
         raise DataError(f"image folder {str(d)!r} does not exist or is no folder")
     files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    images, skipped = [], []
+    images, skipped, names = [], [], []
     for f in files:
         try:
             images.append(resize(from_uint8(read_images(f, channels)), size))
+            names.append(f.name)
         except DataError:
             skipped.append(f.name)
     if not images:
         raise DataError(f"image folder {str(d)!r} holds no readable image ("
                         + (f"{len(skipped)} unreadable: {', '.join(skipped[:5])}" if skipped
                            else f"no file ending in {', '.join(IMAGE_SUFFIXES)}") + ")")
-    return torch.cat(images), skipped
+    return ImageFolder(torch.cat(images), skipped, names)

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, UsageError
-from ..files import read_safetensors
 from ..run import Run, build_denoiser, build_network
 from .adapt import SlotEmbedding
-from .finetune import SUBJECT_FILE, base_autoencoder
+from .finetune import SUBJECT_FILE, base_autoencoder, read_subject
 from .lora import load_lora, network_config_sha256, read_lora_metadata, remove_lora
 
 __all__ = ["merge_run", "zip_runs"]
@@ -104,15 +103,18 @@ def merge_run(base: str | os.PathLike, lora: str | os.PathLike, out: str | os.Pa
     return out
 
 
-def _forward(run: Run, objective: dict, g_images: torch.Tensor, captions: list[str]):
+def _forward(run: Run, objective: dict, g_images: torch.Tensor, rows: list[list[str]]):
     """A ZipLoRA forward of one LoRA run: its own training images noised at the base's
-    training noise levels, denoised under its own captions (draws from the generator)."""
+    training noise levels, denoised under their own captions (``rows``: the caption
+    variants of each image; draws from the generator)."""
     from ..text.conditioner import TextConditioner
     from ..train.objective import build_objective
 
     obj = build_objective(objective)
     text = TextConditioner(run.config["text"])
-    cond = text.prompts(captions)
+    flat = [c for row in rows for c in row]
+    cond = text.prompts(flat)
+    width = len(rows[0])
 
     def forward(net: nn.Module, g: torch.Generator) -> torch.Tensor:
         den = build_denoiser(net, objective)
@@ -120,7 +122,7 @@ def _forward(run: Run, objective: dict, g_images: torch.Tensor, captions: list[s
         x0 = g_images[idx]
         sigma = obj.sample_sigma(len(idx), den, generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        j = torch.randint(0, len(captions), (len(idx),), generator=g)
+        j = idx * width + torch.randint(0, width, (len(idx),), generator=g)
         c = {k: v[j] for k, v in cond.items()}
         return den(x0 + sigma.reshape(-1, 1, 1, 1) * noise, sigma, **c)
 
@@ -133,7 +135,7 @@ def zip_runs(subject: str | os.PathLike, style: str | os.PathLike, out: str | os
     """ZipLoRA of two LoRA runs of one text base into the personalised run ``out`` (module
     docstring). Returns a summary (steps, first and last loss, CPU seconds)."""
     from ..train.checkpoint import save_checkpoint
-    from .dreambooth import subject_captions
+    from .dreambooth import caption_rows
     from .ziplora import zip_loras
 
     out = Path(out)
@@ -151,12 +153,12 @@ def zip_runs(subject: str | os.PathLike, style: str | os.PathLike, out: str | os
     c0 = time.process_time()
     fwd = []
     for r in runs:
-        x = read_safetensors(r.dir / SUBJECT_FILE, "the run's copy of its images")[0]["images"]
+        x, own = read_subject(r.dir / SUBJECT_FILE)
         if base.config.get("autoencoder"):  # a latent base: its denoiser sees latents
             x = base_autoencoder(base).encode(x)
         s = r.config["finetune"]
         fwd.append(_forward(r, base.config["objective"], x,
-                            subject_captions(s["token"], s["class_word"])))
+                            caption_rows(s["token"], s["class_word"], own)))
     net = build_network(base.config["model"], base.num_classes)
     net.load_state_dict(base.weights())
     z = zip_loras(net, runs[0].dir / "lora.safetensors", runs[1].dir / "lora.safetensors",

@@ -31,8 +31,8 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError, UsageError
 from ..files import atomic_write, read_safetensors
 
-__all__ = ["subject_captions", "prior_prompts", "prior_images", "training_set", "base_words",
-           "check_token"]
+__all__ = ["subject_captions", "caption_rows", "folder_captions", "prior_prompts",
+           "prior_images", "training_set", "base_words", "check_token"]
 
 PRIOR_FILE = "prior.safetensors"
 
@@ -42,6 +42,34 @@ def subject_captions(token: str, class_word: str | None) -> list[str]:
     token too, so "a TOKEN" prompts work without the class noun)."""
     return [f"a {token} {class_word}", f"a {token}"] if class_word else [f"a {token}",
                                                                          f"{token}"]
+
+
+def caption_rows(token: str, class_word: str | None, own: Sequence[str | None]
+                 ) -> list[list[str]]:
+    """Caption variants of each subject image: its own caption (repeated to as many
+    variants), or :func:`subject_captions` where it has none."""
+    subj = subject_captions(token, class_word)
+    return [[c] * len(subj) if c else subj for c in own]
+
+
+def folder_captions(folder: Path, names: Sequence[str], token: str) -> list[str | None]:
+    """Each image's own caption: the text of the file ``NAME.txt`` beside the image ``NAME.png``
+    (the layout of kohya's and other trainers' caption files), whitespace collapsed; None for
+    an image without one. UsageError for a caption that does not contain the token (the
+    concept would not be bound to it)."""
+    out: list[str | None] = []
+    for name in names:
+        f = (Path(folder) / name).with_suffix(".txt")
+        if not f.is_file():
+            out.append(None)
+            continue
+        text = " ".join(f.read_text(encoding="utf-8", errors="replace").split())
+        if token.lower() not in (w.lower() for w in _WORD.findall(text)):
+            raise UsageError(f"the caption file {f} ({text[:60]!r}) does not contain the token "
+                             f"{token!r}: write it into the caption (e.g. 'a {token} in thick "
+                             "strokes') or delete the file to use the default 'a TOKEN'")
+        out.append(text)
+    return out
 
 
 def prior_prompts(base, class_word: str | None) -> list[str] | None:

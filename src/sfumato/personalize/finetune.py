@@ -161,7 +161,7 @@ class Personalization:
         _check_base(self.base)
         self.base_classes = self.base.num_classes
         check_token(s["token"], self.base)
-        subject = self._subject(Path(s["images"]), trainer.rank == 0)
+        subject, self.own_captions = self._subject(Path(s["images"]), trainer.rank == 0)
         if self.base.config.get("autoencoder"):  # a latent base: train on the latents
             subject = base_autoencoder(self.base, trainer.device).encode(subject).cpu()
         prior = labels = prompts = None
@@ -169,8 +169,8 @@ class Personalization:
             prior, labels, prompts = prior_images(
                 self.out, self.base, int(s["prior_images"]), s["class_word"],
                 s["prior_guidance"], seed=cfg["train"]["seed"])
-        self.x, reps = training_set(subject, prior, float(s["prior_weight"]))
-        self.n_subject = len(subject) * reps
+        self.x, self.reps = training_set(subject, prior, float(s["prior_weight"]))
+        self.n_subject = len(subject) * self.reps
         self.labels = None
         if self.base_classes:  # the concept is class K; the prior keeps its labels
             k = torch.full((self.n_subject,), self.base_classes, dtype=torch.long)
@@ -178,34 +178,43 @@ class Personalization:
         self.prompts = prompts
         self.num_classes = self.base_classes + 1 if self.base_classes else None
 
-    def _subject(self, folder: Path, write: bool) -> torch.Tensor:
-        """The concept images: the run's own copy (made from ``folder`` at the first start,
-        resized to the base's image shape)."""
+    def _subject(self, folder: Path, write: bool) -> tuple[torch.Tensor, list[str | None]]:
+        """The concept images and each one's own caption (or None): the run's own copy (made
+        from ``folder`` at the first start, resized to the base's image shape; captions from
+        ``NAME.txt`` files beside a text base's images, :func:`~.dreambooth.folder_captions`)."""
         from ..imageio import read_image_folder
+        from .dreambooth import folder_captions
 
         path = self.out / SUBJECT_FILE
         if path.is_file():
-            return read_safetensors(path, "the run's copy of its images")[0]["images"]
+            return read_subject(path)
         shape = image_shape(self.base)
-        x, skipped = read_image_folder(folder, shape[0], tuple(shape[1:]))
+        x, skipped, names = read_image_folder(folder, shape[0], tuple(shape[1:]))
         if skipped:
             print(f"skipped {len(skipped)} unreadable file(s) in {folder}: "
                   f"{', '.join(skipped[:5])}")
+        own = folder_captions(folder, names, self.settings["token"])
+        if not (self.base.config.get("text") or {}).get("encoder") and any(own):
+            print(f"ignored the caption files in {folder}: the base {self.base.path} has no "
+                  "text encoder (the concept is its new class)")
+            own = [None] * len(own)
         if write:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as tmp:
                 save_file({"images": x.contiguous()}, str(tmp),
-                          metadata={"folder": str(folder), "skipped": json.dumps(skipped)})
-        return x
+                          metadata={"folder": str(folder), "skipped": json.dumps(skipped),
+                                    "names": json.dumps(names), "captions": json.dumps(own)})
+        return x, own
 
     def captions(self) -> list[list[str]]:
-        """Caption variants per training image (a text base): the subject's, then the prior
-        prompt of each prior image."""
-        from .dreambooth import subject_captions
+        """Caption variants per training image (a text base): the subject's (each image's
+        own caption, or the token's default captions), then the prior prompt of each prior
+        image."""
+        from .dreambooth import caption_rows
 
-        subj = subject_captions(self.settings["token"], self.settings["class_word"])
-        rows = [subj] * self.n_subject
-        return rows + [[p] * len(subj) for p in (self.prompts or [])]
+        rows = caption_rows(self.settings["token"], self.settings["class_word"],
+                            self.own_captions)
+        return rows * self.reps + [[p] * len(rows[0]) for p in (self.prompts or [])]
 
     def network(self, generator: torch.Generator | None = None) -> torch.nn.Module:
         """The base network with its EMA weights, adapted (:mod:`~.adapt`); records the
@@ -263,6 +272,15 @@ class Personalization:
                                                            range(self.base_classes)]
             s["class_names"] = [*names, self.settings["token"]]
         return s
+
+
+def read_subject(path: Path) -> tuple[torch.Tensor, list[str | None]]:
+    """A personalised run's copy of its concept images (N, C, H, W) in [-1, 1] and each
+    one's own caption or None (a run written before captions existed has none)."""
+    tensors, header = read_safetensors(path, "the run's copy of its images")
+    x = tensors["images"]
+    own = json.loads(header.get("captions") or "null") or [None] * len(x)
+    return x, own
 
 
 def image_shape(base: Run) -> tuple[int, ...]:
