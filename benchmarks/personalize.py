@@ -160,9 +160,11 @@ def style_judges(subject: torch.Tensor, rest: torch.Tensor) -> tuple:
 
 def zip_part(args, subject_run: Path, others: torch.Tensor, rest: torch.Tensor, data,
              rows: list, lines: list) -> None:
-    """ZipLoRA vs weight averaging: a style LoRA ('zzq', five dotted digits) and the subject
-    LoRA, joined; each model's samples of "a sks", "a zzq" and "a sks zzq", read by a concept
-    judge and a dotted-strokes judge that each ignore the other attribute."""
+    """ZipLoRA vs weight averaging: a style LoRA ('zzq', five dotted digits 0-4 captioned
+    "a zzq 0" ... "a zzq 4", so zzq is an adjective as "thick" in "a thick 7") and the subject
+    LoRA, joined; each model's samples of "a sks", "a zzq 7" (a digit the style never showed)
+    and "a zzq sks", read by a concept judge and a dotted-strokes judge that each ignore the
+    other attribute."""
     from sfumato.personalize.combine import merge_run, zip_runs
     from sfumato.personalize.ziplora import naive_merge
 
@@ -171,6 +173,7 @@ def zip_part(args, subject_run: Path, others: torch.Tensor, rest: torch.Tensor, 
     plain = data.train[[int((data.labels == k).nonzero()[0]) for k in range(5)]]
     for i, img in enumerate(to_uint8(dotted(plain)).numpy()):
         save_png(img, style_dir / f"{i}.png")
+        (style_dir / f"{i}.txt").write_text(f"a zzq {i}")  # the style word as an adjective
     c0 = time.process_time()
     sfumato.finetune(args.base, style_dir, out=args.out / "style", method="lora",
                      token="zzq", progress=False)
@@ -190,15 +193,16 @@ def zip_part(args, subject_run: Path, others: torch.Tensor, rest: torch.Tensor, 
               f"{concept_judge.test_acc:.3f}) and a dotted-vs-plain judge (digits and animals "
               f"on both sides; accuracy {dotted_judge.test_acc:.3f}) accept.", "",
               "| model | prompt | concept | dotted |", "|---|---|---|---|"]
-    models = (("subject LoRA", subject_run, ("a sks", "a sks zzq")),
-              ("style LoRA", args.out / "style", ("a zzq", "a sks zzq")),
-              ("weight average", args.out / "average", ("a sks", "a zzq", "a sks zzq")),
-              ("ZipLoRA", args.out / "zip", ("a sks", "a zzq", "a sks zzq")))
+    joint = ("a sks", "a zzq 7", "a zzq sks")
+    models = (("subject LoRA", subject_run, ("a sks", "a zzq sks")),
+              ("style LoRA", args.out / "style", ("a zzq 7", "a zzq sks")),
+              ("weight average", args.out / "average", joint),
+              ("ZipLoRA", args.out / "zip", joint))
     for name, run, prompts in models:
         m = sfumato.load(run)
         for prompt in prompts:
             x = m.sample(args.n, prompt=prompt, guidance=args.guidance, seed=1).x
-            if prompt == "a sks zzq":
+            if prompt == "a zzq sks":
                 save_grid(to_uint8(x[:64]), args.out / f"zip-{name.split()[0]}.png", nrow=8)
             acc = accept_rate((concept_judge, dotted_judge), x)
             rows.append({"zip": name, "prompt": prompt, "accept": acc})

@@ -92,3 +92,22 @@ TINY_TEACHER = {
               "checkpoint_every": 0, "num_threads": 1, "precision": "fp32"},
     "sample": {"sampler": "euler", "steps": 4, "n_grid": 4},
 }
+
+
+def write_bars(folder, n: int, size: tuple[int, int], rows: tuple[int, int], col: int,
+               width: int):
+    """``n`` PNG images ``0.png`` ... in ``folder`` (made): a white vertical bar (rows
+    ``rows``, columns ``col + i`` to ``col + i + width``) on black, shifted by one pixel per
+    image i. Returns the folder."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        a = np.zeros(size, np.uint8)
+        a[rows[0]:rows[1], col + i:col + i + width] = 255
+        Image.fromarray(a).save(folder / f"{i}.png")
+    return folder

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from _util import tiny_autoencoder
+from _util import tiny_autoencoder, write_bars
 
 import sfumato
 from sfumato.cli import main
@@ -179,19 +179,11 @@ def test_a_latent_base_is_personalised_in_its_latent_space(ae_dir, ldm_dir, tmp_
     """LoRA on a latent class base: the concept images are encoded by the base's own
     autoencoder, the prior images are the base's latents, the run and its merge sample images
     through that autoencoder, and a changed autoencoder is refused."""
-    import numpy as np
-    from PIL import Image
-
     from sfumato.personalize.combine import merge_run
     from sfumato.personalize.dreambooth import PRIOR_FILE
     from sfumato.personalize.finetune import SUBJECT_FILE
 
-    imgs = tmp_path / "imgs"
-    imgs.mkdir()
-    for i in range(3):
-        a = np.zeros((16, 16), np.uint8)
-        a[2:14, 4 + i:9 + i] = 255
-        Image.fromarray(a).save(imgs / f"{i}.png")
+    imgs = write_bars(tmp_path / "imgs", 3, (16, 16), (2, 14), 4, 5)
     out = tmp_path / "p"
     sfumato.finetune(ldm_dir, imgs, out=out, steps=3, progress=False, prior_images=4,
                      config={"train": {"batch_size": 8}})
@@ -231,7 +223,6 @@ def test_loras_of_a_latent_text_base_zip_and_sample_images(ae_dir, tmp_path):
     """ZipLoRA of two LoRA runs of a latent MiniLM base: trained on the encoded concept
     images, written as a run that samples images through the base's autoencoder."""
     import numpy as np
-    from PIL import Image
 
     from sfumato.personalize.combine import zip_runs
 
@@ -240,10 +231,7 @@ def test_loras_of_a_latent_text_base_zip_and_sample_images(ae_dir, tmp_path):
     cfg["text"] = {"encoder": "minilm", "n_variants": 1, "keep": 0.0}
     train(cfg, out=tmp_path / "base", progress=False)
     for token, col in (("sks", 2), ("zzq", 9)):
-        (tmp_path / token).mkdir()
-        a = np.zeros((8, 8), np.uint8)
-        a[1:7, col:col + 3] = 255
-        Image.fromarray(a).save(tmp_path / token / "0.png")
+        write_bars(tmp_path / token, 1, (8, 8), (1, 7), col, 3)
         sfumato.finetune(tmp_path / "base", tmp_path / token, out=tmp_path / f"l-{token}",
                          token=token, steps=2, progress=False, prior_images=2,
                          config={"train": {"batch_size": 4}})

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 import torch
-from _util import TINY_TEACHER, train_runs
-from PIL import Image
+from _util import TINY_TEACHER, train_runs, write_bars
 
 import sfumato
 from sfumato.cli import main
@@ -34,12 +32,7 @@ def bases(tmp_path_factory):
     one corrupt file)."""
     root = tmp_path_factory.mktemp("bases")
     train_runs(root, cls=TINY_TEACHER, text=TEXT_BASE)
-    imgs = root / "imgs"
-    imgs.mkdir()
-    for i in range(5):
-        a = np.zeros((20, 24), np.uint8)
-        a[3:17, 8 + i:14 + i] = 255
-        Image.fromarray(a).save(imgs / f"{i}.png")
+    imgs = write_bars(root / "imgs", 5, (20, 24), (3, 17), 8, 6)
     (imgs / "broken.png").write_bytes(b"not an image")
     return root
 
