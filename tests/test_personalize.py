@@ -79,6 +79,13 @@ def test_class_slot_methods(bases, tmp_path):
     run = Run(tmp_path / "ti")
     assert run.num_classes == k + 1 and run.state["class_names"][-1] == "sks"
     assert list(run.weights()) == ["cond.label.new"]  # one embedding row is all it learns
+    from sfumato.personalize.finetune import METHOD_TRAIN, SLOT_TRAIN, finetune_config
+
+    assert run.config["train"]["lr"] == SLOT_TRAIN["lr"] != METHOD_TRAIN[
+        "textual-inversion"]["lr"]  # a class slot's row takes larger steps than a token's
+    mine = finetune_config(base, bases / "imgs", tmp_path / "x", method="textual-inversion",
+                           config={"train": {"lr": 1e-3}})
+    assert mine["train"]["lr"] == 1e-3  # the user's setting wins
     net, bnet = run.network(), base.network()
     rows = net.cond.label.weight
     assert torch.equal(rows[:k], bnet.cond.label.weight[:k])      # the classes as they were
@@ -116,6 +123,7 @@ def test_textual_inversion_on_text_base(bases, tmp_path):
           class_word="bar")
     run = Run(tmp_path / "ti")
     assert list(run.weights()) == ["token_embedding.vectors"]
+    assert run.config["train"]["lr"] == 5e-3  # a MiniLM token vector's step size
     assert (tmp_path / "ti" / "token.safetensors").is_file()
     m, b = sfumato.load(tmp_path / "ti"), sfumato.load(bases / "text")
     assert type(m.text).__name__ == "TokenTextConditioner"
