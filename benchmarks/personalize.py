@@ -123,14 +123,15 @@ def concept_samples(m, n: int, guidance: float, token: str) -> torch.Tensor:
     return m.sample(n, class_labels=m.num_classes - 1, guidance=guidance, seed=1).x
 
 
-def ordinary(m, n: int, guidance: float, data, alt) -> dict:
-    """Class accuracy and FD / floor of the base's ordinary prompts (or labels)."""
+def ordinary(m, n: int, guidance: float, data, alt, base_state: dict) -> dict:
+    """Class accuracy and FD / floor of the base's ordinary prompts (or labels): the base
+    run's prompt of each class (``base_state``; emoji), else the digit prompts."""
     base_classes = data.num_classes
     labels = torch.arange(n) % base_classes
     if m.text:
         from sfumato.text.captions import default_prompts
 
-        prompts = m.state.get("class_prompts")
+        prompts = base_state.get("class_prompts")
         prompts = [prompts[i % len(prompts)] for i in range(n)] if prompts else \
             default_prompts(n, base_classes)
         x = m.sample(n, prompt=prompts, guidance=guidance, seed=2).x
@@ -245,7 +246,7 @@ def main() -> None:
              "heldout_nn": nn_distance(held, subject),
              "subject_accept": accept_rate(clfs, subject)}]
     base_model = sfumato.load(args.base)
-    before = ordinary(base_model, args.n_prior, args.guidance, data, alt)
+    before = ordinary(base_model, args.n_prior, args.guidance, data, alt, base_run.state)
     base_x = concept_samples(base_model, args.n, args.guidance, "sks") if base_model.text \
         else None
     rows.append({"method": "base", **before,
@@ -268,7 +269,7 @@ def main() -> None:
                      "base_bytes": (Path(base_run.checkpoint) / "ema.safetensors").stat().st_size,
                      "accept": accept_rate(clfs, x),
                      "nn": nn_distance(x, subject),
-                     **ordinary(m, args.n_prior, args.guidance, data, alt)})
+                     **ordinary(m, args.n_prior, args.guidance, data, alt, base_run.state)})
         print(rows[-1])
     lines = [f"## Personalisation of {args.base} on '{args.concept}' ({args.n_subject} images)",
              "", f"Concept classifiers' accuracy {rows[0]['classifier_test_acc']}; they accept "

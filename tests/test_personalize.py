@@ -217,3 +217,20 @@ def test_caption_files_beside_the_images(bases, tmp_path, capsys):
                      method="textual-inversion", **FAST)
     assert "ignored the caption files" in capsys.readouterr().out
     assert read_subject(tmp_path / "slot" / "subject.safetensors")[1] == [None] * 5
+
+
+def test_the_bases_class_prompts_carry_over(bases, tmp_path):
+    """A base that records a prompt per class (emoji categories) hands them to its
+    personalised runs, so "each class in turn" means the same prompts before and after."""
+    import json
+
+    base = tmp_path / "base"
+    shutil.copytree(bases / "text", base)
+    state_file = base / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    prompts = [f"a kind{k} image" for k in range(3)]
+    state_file.write_text(json.dumps({**state, "class_prompts": prompts}))
+    _tune(bases, "text", tmp_path / "plain", steps=1)
+    sfumato.finetune(base, bases / "imgs", out=tmp_path / "p", steps=1, progress=False, **FAST)
+    assert Run(tmp_path / "p").state["class_prompts"] == prompts
+    assert "class_prompts" not in Run(tmp_path / "plain").state

@@ -272,6 +272,8 @@ class Personalization:
         s = {"personalized": {"method": self.settings["method"], "token": self.settings["token"],
                               "subject_images": self.n_subject, "base_classes":
                               self.base_classes}}
+        if self.base.state.get("class_prompts"):  # the base's prompt of each class (emoji)
+            s["class_prompts"] = self.base.state["class_prompts"]
         if self.base_classes:
             names = self.base.state.get("class_names") or [str(k) for k in
                                                            range(self.base_classes)]
