@@ -211,8 +211,7 @@ def test_caption_files_beside_the_images(bases, tmp_path, capsys):
     with pytest.raises(UsageError, match=r"1\.txt .*does not contain the token 'sks'"):
         sfumato.finetune(bases / "text", imgs, out=tmp_path / "bad", steps=1, progress=False)
     assert not (tmp_path / "bad").exists()
-    capsys.readouterr()
-    (imgs / "1.txt").unlink()
+    capsys.readouterr()  # (a class base ignores even a caption without the token)
     sfumato.finetune(bases / "cls", imgs, out=tmp_path / "slot", steps=1, progress=False,
                      method="textual-inversion", **FAST)
     assert "ignored the caption files" in capsys.readouterr().out

@@ -198,11 +198,13 @@ class Personalization:
         if skipped:
             print(f"skipped {len(skipped)} unreadable file(s) in {folder}: "
                   f"{', '.join(skipped[:5])}")
-        own = folder_captions(folder, names, self.settings["token"])
-        if not (self.base.config.get("text") or {}).get("encoder") and any(own):
-            print(f"ignored the caption files in {folder}: the base {self.base.path} has no "
-                  "text encoder (the concept is its new class)")
-            own = [None] * len(own)
+        if (self.base.config.get("text") or {}).get("encoder"):
+            own = folder_captions(folder, names, self.settings["token"])
+        else:  # a class base: the concept is its new class, captions have no place
+            own = [None] * len(names)
+            if any((folder / n).with_suffix(".txt").is_file() for n in names):
+                print(f"ignored the caption files in {folder}: the base {self.base.path} has "
+                      "no text encoder (the concept is its new class)")
         if write:
             self.out.mkdir(parents=True, exist_ok=True)
             with atomic_write(path) as tmp:
