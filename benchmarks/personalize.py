@@ -46,7 +46,6 @@ from sfumato.files import write_results
 from sfumato.imageio import save_grid, save_png
 from sfumato.metrics import evaluate_images
 from sfumato.metrics.classifier import RECIPES, train_classifier
-from sfumato.personalize.finetune import image_shape
 from sfumato.run import Run
 
 METHODS = {"lora": {"method": "lora"},
@@ -233,7 +232,7 @@ def main() -> None:
     extra = apply_overrides({}, args.set)
     base_run = Run(args.base)
     data = get_dataset(base_run.config["data"])
-    subject, others, rest = concept_sets(args.concept, image_shape(base_run), args.n_subject)
+    subject, others, rest = concept_sets(args.concept, base_run.image_shape, args.n_subject)
     folder = args.out / f"concept-{args.concept}"
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(to_uint8(subject).numpy()):

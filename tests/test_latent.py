@@ -208,15 +208,20 @@ def test_a_latent_base_is_personalised_in_its_latent_space(ae_dir, ldm_dir, tmp_
     assert torch.allclose(merged.run.network()(z, s, class_labels=y),
                           run.network()(z, s, class_labels=y), atol=1e-5)
     assert merged.sample(2, class_labels=10, steps=2).x.shape == (2, 1, 8, 8)
-    # the base's autoencoder retrained in place: fine-tuning that base is refused, clearly
+    # the base's autoencoder retrained in place: fine-tuning that base is refused, clearly,
+    # and so is resuming a run fine-tuned from it before
     shutil.copytree(ae_dir, tmp_path / "x" / "ae")
     shutil.copytree(ldm_dir, tmp_path / "x" / "ldm")
+    sfumato.finetune(tmp_path / "x" / "ldm", imgs, out=tmp_path / "r", steps=1,
+                     progress=False, prior_images=2, config={"train": {"batch_size": 8}})
     train({**AE, "train": {**AE["train"], "steps": 31}}, out=tmp_path / "x" / "ae",
           progress=False)
     with pytest.raises(RunReferenceError, match="changed since"):
         sfumato.finetune(tmp_path / "x" / "ldm", imgs, out=tmp_path / "q", steps=1,
                          progress=False)
     assert not (tmp_path / "q").exists()
+    with pytest.raises(RunReferenceError, match="is not the one the base"):
+        Trainer(Run(tmp_path / "r").config, tmp_path / "r", progress=False)
 
 
 def test_loras_of_a_latent_text_base_zip_and_sample_images(ae_dir, tmp_path):

@@ -76,15 +76,10 @@ def is_cascade(path: str | os.PathLike) -> bool:
     return (Path(path) / CASCADE_FILE).is_file()
 
 
-def _image_shape(run: Run) -> tuple[int, ...]:
-    """The shape of the images a run samples (a latent run's, not its latents')."""
-    return tuple(run.state.get("image_shape") or run.data_shape or ())
-
-
 def _low_shape(run: Run) -> tuple[int, ...]:
     """The low-resolution input shape (C, h, w) of a super-resolution run."""
     sec = {**SUPERRES_DEFAULTS, **(run.config.get("superres") or {})}
-    return (_image_shape(run)[0], *low_hw(sec["low_size"]))
+    return (run.image_shape[0], *low_hw(sec["low_size"]))
 
 
 def check_chain(runs: Sequence[Run]) -> None:
@@ -95,12 +90,12 @@ def check_chain(runs: Sequence[Run]) -> None:
         raise UsageError(f"a cascade needs a base run and at least one super-resolution run; "
                          f"got {len(runs)} stage(s)")
     base = runs[0]
-    if base.kind not in IMAGE_KINDS or len(_image_shape(base)) != 3:
+    if base.kind not in IMAGE_KINDS or len(base.image_shape) != 3:
         hint = " (a super-resolution run needs a stage below it)" \
             if base.kind == "superres" else ""
         raise UsageError(f"stage 0 ({base.path}) must sample images on its own (a "
                          f"{', '.join(IMAGE_KINDS)} run); it is a {base.kind} run{hint}")
-    shape = _image_shape(base)
+    shape = base.image_shape
     for k, run in enumerate(runs[1:], 1):
         if run.kind != "superres":
             raise UsageError(f"stage {k} ({run.path}) is a {run.kind} run; every stage after "
@@ -117,7 +112,7 @@ def check_chain(runs: Sequence[Run]) -> None:
             raise UsageError(f"stage {k} ({run.path}) is conditioned on {run.num_classes} "
                              f"classes, the base ({base.path}) on {base.num_classes}: train "
                              "them on the same data set's labels")
-        shape = _image_shape(run)
+        shape = run.image_shape
 
 
 def _check_aug(aug_sigma: float | Sequence[float] | None, n_sr: int) -> Any:
@@ -338,7 +333,7 @@ def describe_cascade(path: str | os.PathLike) -> list[tuple[str, str]]:
         text = f"{ref.path} ({status}): {ref.kind} run, step {ref.step}"
         if status == "ok":
             run = resolve_ref(path, ref, f"stage {k}")
-            shape = "x".join(map(str, _image_shape(run)))
+            shape = "x".join(map(str, run.image_shape))
             if run.kind == "superres":
                 text += f", {'x'.join(map(str, _low_shape(run)))} -> {shape}"
             else:

@@ -191,6 +191,17 @@ class Run:
         return tuple(shape) if shape else None
 
     @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The shape (C, H, W) of the images the run models: a latent run's decoded images
+        (not its latents'), else its data's; () when the state records neither."""
+        return tuple(self.state.get("image_shape") or self.data_shape or ())
+
+    @property
+    def text_encoder(self) -> str | None:
+        """The run's text encoder ("minilm", "tiny"), or None for a run without text."""
+        return (self.config.get("text") or {}).get("encoder")
+
+    @property
     def num_classes(self) -> int | None:
         return self.state.get("num_classes")
 

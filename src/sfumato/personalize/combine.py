@@ -24,7 +24,7 @@ from torch import nn
 from ..errors import CheckpointError, UsageError
 from ..run import Run, build_denoiser, build_network
 from .adapt import SlotEmbedding
-from .finetune import SUBJECT_FILE, base_autoencoder, read_subject
+from .finetune import SUBJECT_FILE, read_subject
 from .lora import load_lora, network_config_sha256, read_lora_metadata, remove_lora
 
 __all__ = ["merge_run", "zip_runs"]
@@ -134,6 +134,7 @@ def zip_runs(subject: str | os.PathLike, style: str | os.PathLike, out: str | os
              ) -> dict[str, Any]:
     """ZipLoRA of two LoRA runs of one text base into the personalised run ``out`` (module
     docstring). Returns a summary (steps, first and last loss, CPU seconds)."""
+    from ..model import load
     from ..train.checkpoint import save_checkpoint
     from .dreambooth import caption_rows
     from .ziplora import zip_loras
@@ -148,14 +149,15 @@ def zip_runs(subject: str | os.PathLike, style: str | os.PathLike, out: str | os
     if bases[0].weights_sha256() != bases[1].weights_sha256():
         raise UsageError(f"{subject} and {style} were fine-tuned from different bases")
     base = bases[0]
-    if not (base.config.get("text") or {}).get("encoder"):
+    if not base.text_encoder:
         raise UsageError("lora zip needs LoRA runs of a text base (their prompts are zipped)")
     c0 = time.process_time()
     fwd = []
+    ae = load(base.resolve("autoencoder")) if base.config.get("autoencoder") else None
     for r in runs:
         x, own = read_subject(r.dir / SUBJECT_FILE)
-        if base.config.get("autoencoder"):  # a latent base: its denoiser sees latents
-            x = base_autoencoder(base).encode(x)
+        if ae is not None:  # a latent base: its denoiser sees latents
+            x = ae.encode(x)
         s = r.config["finetune"]
         fwd.append(_forward(r, base.config["objective"], x,
                             caption_rows(s["token"], s["class_word"], own)))

@@ -75,7 +75,7 @@ def folder_captions(folder: Path, names: Sequence[str], token: str) -> list[str 
 def prior_prompts(base, class_word: str | None) -> list[str] | None:
     """The prompts of the prior images, one per base class in turn (module docstring); None
     for a class-conditional base without text (its prior images are labelled instead)."""
-    if not (base.config.get("text") or {}).get("encoder"):
+    if not base.text_encoder:
         return None
     if class_word:
         return [f"a {class_word}"]
@@ -151,7 +151,7 @@ def base_words(base) -> set[str]:
     """The words the base run was trained on (its captions' vocabulary, lower case), and its
     class names: a new token must not be one of them."""
     words: set[str] = set()
-    if (base.config.get("text") or {}).get("encoder"):
+    if base.text_encoder:
         from ..data import get_dataset
 
         data = get_dataset(base.config["data"])

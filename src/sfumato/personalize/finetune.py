@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import ConfigError, UsageError, did_you_mean
+from ..errors import ConfigError, RunReferenceError, UsageError, did_you_mean
 from ..files import atomic_write, read_safetensors
 from ..run import Run, build_network
 from .adapt import METHODS, adapt_network
@@ -103,7 +103,7 @@ def _check_base(base: Run) -> None:
     if base.kind not in ("diffusion", "text", "latent"):
         raise UsageError(f"the base {base.path} is a {base.kind} run; fine-tune a diffusion "
                          "run (class- or text-conditioned, in pixel or latent space)")
-    text = (base.config.get("text") or {}).get("encoder")
+    text = base.text_encoder
     if not (text or base.num_classes):
         raise UsageError(f"the base {base.path} is unconditional: a new concept needs a text "
                          "token or a class slot to bind to (train a class- or "
@@ -130,7 +130,7 @@ def finetune_config(base: Run, images: str | os.PathLike, out: str | os.PathLike
     s["images"] = str(Path(images).resolve())
     tc = base.config
     train = {**tc["train"], **_TRAIN, **METHOD_TRAIN[s["method"]]}
-    if s["method"] == "textual-inversion" and not (tc.get("text") or {}).get("encoder"):
+    if s["method"] == "textual-inversion" and not base.text_encoder:
         train.update(SLOT_TRAIN)
     cfg = {"data": tc["data"], "model": tc["model"], "objective": tc["objective"],
            "train": train, "text": tc.get("text", {}), "sample": tc["sample"],
@@ -167,8 +167,8 @@ class Personalization:
         self.base_classes = self.base.num_classes
         check_token(s["token"], self.base)
         subject, self.own_captions = self._subject(Path(s["images"]), trainer.rank == 0)
-        if self.base.config.get("autoencoder"):  # a latent base: train on the latents
-            subject = base_autoencoder(self.base, trainer.device).encode(subject).cpu()
+        if trainer.autoencoder is not None:  # a latent base: train on the latents
+            subject = self._base_latents(trainer, subject)
         prior = labels = prompts = None
         if s["prior_preservation"]:
             prior, labels, prompts = prior_images(
@@ -193,12 +193,12 @@ class Personalization:
         path = self.out / SUBJECT_FILE
         if path.is_file():
             return read_subject(path)
-        shape = image_shape(self.base)
+        shape = self.base.image_shape
         x, skipped, names = read_image_folder(folder, shape[0], tuple(shape[1:]))
         if skipped:
             print(f"skipped {len(skipped)} unreadable file(s) in {folder}: "
                   f"{', '.join(skipped[:5])}")
-        if (self.base.config.get("text") or {}).get("encoder"):
+        if self.base.text_encoder:
             own = folder_captions(folder, names, self.settings["token"])
         else:  # a class base: the concept is its new class, captions have no place
             own = [None] * len(names)
@@ -212,6 +212,18 @@ class Personalization:
                           metadata={"folder": str(folder), "skipped": json.dumps(skipped),
                                     "names": json.dumps(names), "captions": json.dumps(own)})
         return x, own
+
+    def _base_latents(self, trainer, x: torch.Tensor) -> torch.Tensor:
+        """The concept images x encoded by the trainer's autoencoder, refused unless it is
+        the one the base recorded (the same weights hash)."""
+        mine = trainer.cfg["refs"]["autoencoder"]["sha256"]
+        theirs = self.base.refs["autoencoder"].sha256
+        if mine != theirs:
+            raise RunReferenceError(
+                f"the autoencoder {trainer.cfg['autoencoder']} (weights SHA-256 {mine[:12]}...) "
+                f"is not the one the base {self.base.path} was trained on ({theirs[:12]}...): "
+                "restore it, or fine-tune a base trained on this autoencoder")
+        return trainer.autoencoder.encode(x).cpu()
 
     def captions(self) -> list[list[str]]:
         """Caption variants per training image (a text base): the subject's (each image's
@@ -290,20 +302,6 @@ def read_subject(path: Path) -> tuple[torch.Tensor, list[str | None]]:
     x = tensors["images"]
     own = json.loads(header.get("captions") or "null") or [None] * len(x)
     return x, own
-
-
-def image_shape(base: Run) -> tuple[int, ...]:
-    """The shape (C, H, W) of the images a run models: a latent run's autoencoder images,
-    else its data's."""
-    return tuple(base.state.get("image_shape") or base.data_shape)
-
-
-def base_autoencoder(base: Run, device: torch.device | str = "cpu"):
-    """The :class:`~sfumato.autoencoder.AutoencoderModel` of a latent base (its recorded
-    ``refs.autoencoder``, checked against the hash)."""
-    from ..autoencoder import AutoencoderModel
-
-    return AutoencoderModel(base.resolve("autoencoder"), device)
 
 
 def finetune(base: str | os.PathLike | Run, images: str | os.PathLike, *,

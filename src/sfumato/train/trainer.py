@@ -116,8 +116,8 @@ class Trainer:
         self.x_train = self.data.train
         self.y_train = getattr(self.data, "labels", None)
         self.cpu_seconds_setup = 0.0  # CPU time spent before the first step counts too
-        self.personal = self._setup_personal()
         self.autoencoder = self._setup_latent()
+        self.personal = self._setup_personal()
         base_weights = self._resolve_control_base()
         model_cfg = dict(self.cfg["model"])
         nc = getattr(self.data, "num_classes", None)
@@ -229,7 +229,7 @@ class Trainer:
         ae = open_autoencoder(self.cfg["autoencoder"], self.data.shape, self.device)
         ref = ae.run.reference_from(self.out)
         self.cfg["refs"] = {**self.cfg["refs"], "autoencoder": ref.to_dict()}
-        if self.personal is None:  # (a personalised run's concept and prior are latents)
+        if not self.cfg["finetune"].get("method"):  # (a personalised run encodes its own)
             self.x_train = cached_latents(self.out, ae, self.data, self.cfg["data"],
                                           self.rank == 0, ref.sha256)
         self.cpu_seconds_setup += time.process_time() - c0
